@@ -1,0 +1,35 @@
+"""Name -> builder registry. Builders are registered at import time by each family module."""
+from __future__ import annotations
+
+from typing import Callable
+
+from flax import linen as nn
+
+from segjax.errors import SegjaxError
+
+_BUILDERS: dict[str, tuple[Callable[..., nn.Module], str]] = {}
+
+
+def register(name: str, kind: str = "segmentation"):
+    """Decorator: `@register("fcn_resnet50")` on a `builder(num_classes, **kw) -> nn.Module`.
+
+    kind is "segmentation" (returns {"out": (N, H, W, C), ...}) or "classification" (ImageNet
+    backbones such as `resnet50`, returning {"out": (N, C)}); both import torchvision weights.
+    """
+    def wrap(builder):
+        if name in _BUILDERS:
+            raise ValueError(f"model {name!r} registered twice")
+        _BUILDERS[name] = (builder, kind)
+        return builder
+    return wrap
+
+
+def create(name: str, num_classes: int, **kw) -> nn.Module:
+    if name not in _BUILDERS:
+        raise SegjaxError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
+    return _BUILDERS[name][0](num_classes=num_classes, **kw)
+
+
+def names(kind: str | None = "segmentation") -> list[str]:
+    """Registered model names; kind=None lists classification backbones too."""
+    return sorted(n for n, (_, k) in _BUILDERS.items() if kind is None or k == kind)
