@@ -1,0 +1,153 @@
+"""The shared blocks in segjax.nn against PyTorch's own ops, on random data."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segjax import nn as snn
+
+
+def to_nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x))).permute(0, 3, 1, 2)
+
+
+def to_nhwc(t):
+    return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(0).standard_normal((2, 7, 9, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("size", [(13, 4), (7, 9), (3, 20), (1, 1), (29, 31)])
+def test_bilinear_resize_matches_torch(x, size, align_corners):
+    ours = snn.resize(jnp.asarray(x), size, align_corners=align_corners)
+    ref = to_nhwc(F.interpolate(to_nchw(x), size=size, mode="bilinear", align_corners=align_corners))
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=5e-6)
+
+
+def test_nearest_resize_matches_torch(x):
+    for size in [(13, 4), (3, 20), (14, 18)]:
+        ours = snn.resize(jnp.asarray(x), size, method="nearest")
+        np.testing.assert_array_equal(np.asarray(ours), to_nhwc(F.interpolate(to_nchw(x), size=size, mode="nearest")))
+
+
+def test_resize_rejects_unknown_method(x):
+    with pytest.raises(ValueError, match="bicubic"):
+        snn.resize(jnp.asarray(x), (4, 4), method="bicubic")
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (3, 2, 1), (3, 1, 1), (3, 2, 0)])
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool_matches_torch(x, kernel, stride, padding, ceil_mode):
+    ours = snn.max_pool2d(jnp.asarray(x), kernel, stride, padding, ceil_mode=ceil_mode)
+    ref = to_nhwc(F.max_pool2d(to_nchw(x), kernel, stride, padding, ceil_mode=ceil_mode))
+    assert ours.shape == ref.shape
+    np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 4), (7, 9), (2, 5)])
+def test_adaptive_avg_pool_matches_torch(x, size):
+    ours = snn.adaptive_avg_pool2d(jnp.asarray(x), size)
+    np.testing.assert_allclose(np.asarray(ours), to_nhwc(F.adaptive_avg_pool2d(to_nchw(x), size)), atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,output_padding,dilation",
+                         [(4, 2, 1, 0, 1), (2, 2, 0, 0, 1), (3, 2, 1, 1, 1), (16, 8, 4, 0, 1), (3, 1, 2, 0, 2)])
+def test_conv_transpose_matches_torch(x, kernel, stride, padding, output_padding, dilation):
+    layer = snn.ConvTranspose(5, kernel, stride, padding, output_padding, dilation)
+    variables = layer.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    ref = torch.nn.ConvTranspose2d(3, 5, kernel, stride, padding, output_padding, dilation=dilation)
+    with torch.no_grad():  # torch's (in, out, kh, kw) = our (kh, kw, out, in) transposed back
+        ref.weight.copy_(torch.from_numpy(np.asarray(variables["params"]["kernel"]).transpose(3, 2, 0, 1).copy()))
+        ref.bias.copy_(torch.from_numpy(np.asarray(variables["params"]["bias"]).copy()))
+    ours = layer.apply(variables, jnp.asarray(x))
+    expected = to_nhwc(ref(to_nchw(x)))
+    assert ours.shape == expected.shape
+    assert ours.shape[1] == snn.conv_transpose_output_size(7, kernel, stride, padding, output_padding, dilation)
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups", [(3, 2, 1, 1, 1), (3, 1, 2, 2, 1), (1, 1, 0, 1, 1),
+                                                                    (3, 2, 1, 1, 3), (7, 2, 3, 1, 1)])
+def test_conv2d_matches_torch_padding(x, kernel, stride, padding, dilation, groups):
+    layer = snn.conv2d(6, kernel, stride, padding, dilation, groups, use_bias=True)
+    variables = layer.init(jax.random.PRNGKey(1), jnp.asarray(x))
+    ref = torch.nn.Conv2d(3, 6, kernel, stride, padding, dilation, groups)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(np.asarray(variables["params"]["kernel"]).transpose(3, 2, 0, 1).copy()))
+        ref.bias.copy_(torch.from_numpy(np.asarray(variables["params"]["bias"]).copy()))
+    np.testing.assert_allclose(np.asarray(layer.apply(variables, jnp.asarray(x))), to_nhwc(ref(to_nchw(x))), atol=2e-5)
+
+
+def test_batchnorm_train_and_eval_match_torch(x):
+    bn = snn.BatchNorm(momentum=0.9, epsilon=1e-5)
+    variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    ref = torch.nn.BatchNorm2d(3, momentum=0.1, eps=1e-5)
+    for step in range(3):  # running stats after several updates, unbiased variance included
+        batch = x * (step + 1) + step
+        y, updates = bn.apply(variables, jnp.asarray(batch), train=True, mutable=["batch_stats"])
+        variables = {**variables, **updates}
+        ref.train()
+        expected = to_nhwc(ref(to_nchw(batch)))
+        np.testing.assert_allclose(np.asarray(y), expected, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(variables["batch_stats"]["mean"]), ref.running_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(variables["batch_stats"]["var"]), ref.running_var.numpy(), rtol=1e-5)
+    ref.eval()
+    np.testing.assert_allclose(np.asarray(bn.apply(variables, jnp.asarray(x), train=False)),
+                               to_nhwc(ref(to_nchw(x))), atol=2e-5)
+
+
+def test_batchnorm_axis_name_gives_global_statistics(x):
+    """Two replicas with cross-replica BN == one device seeing the whole batch."""
+    bn = snn.BatchNorm(axis_name="batch")
+    variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    whole, whole_upd = snn.BatchNorm().apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+
+    def per_replica(xs):
+        return bn.apply(variables, xs, train=True, mutable=["batch_stats"])
+
+    split, split_upd = jax.vmap(per_replica, axis_name="batch")(jnp.asarray(x).reshape(2, 1, 7, 9, 3))
+    np.testing.assert_allclose(np.asarray(split).reshape(x.shape), np.asarray(whole), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(split_upd["batch_stats"]["var"][0]),
+                               np.asarray(whole_upd["batch_stats"]["var"]), rtol=1e-5)
+
+
+def test_batchnorm_bf16_compute_keeps_fp32_params_and_stats(x):
+    bn = snn.BatchNorm(dtype=jnp.bfloat16)
+    variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    y, upd = bn.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+    assert y.dtype == jnp.bfloat16
+    assert variables["params"]["scale"].dtype == jnp.float32
+    assert upd["batch_stats"]["var"].dtype == jnp.float32
+
+
+def test_bilinear_kernel_is_channel_diagonal_and_interpolates():
+    k = snn.bilinear_upsample_kernel(4, 2)
+    assert k.shape == (4, 4, 2, 2)
+    assert np.all(k[:, :, 0, 1] == 0) and np.all(k[:, :, 1, 0] == 0)
+    np.testing.assert_allclose(k[:, :, 0, 0], np.outer([0.25, 0.75, 0.75, 0.25], [0.25, 0.75, 0.75, 0.25]))
+
+
+def test_upsamplers_shapes_and_values():
+    x = jnp.arange(8.0).reshape(1, 2, 2, 2)
+    nails = snn.bed_of_nails_upsample(x, 2)
+    assert nails.shape == (1, 4, 4, 2)
+    np.testing.assert_array_equal(np.asarray(nails[0, ::2, ::2]), np.asarray(x[0]))
+    assert float(nails[0, 1::2].sum()) == 0 and float(nails[0, :, 1::2].sum()) == 0
+    np.testing.assert_array_equal(np.asarray(snn.nearest_upsample(x, 3)),
+                                  to_nhwc(F.interpolate(to_nchw(np.asarray(x)), scale_factor=3, mode="nearest")))
+
+
+def test_max_unpool_inverts_max_pool_like_torch():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 8, 3)).astype(np.float32)
+    pooled, idx = F.max_pool2d(to_nchw(x), 2, 2, return_indices=True)
+    expected = to_nhwc(F.max_unpool2d(pooled, idx, 2, 2, output_size=(6, 8)))
+    ours = snn.max_unpool2d(jnp.asarray(to_nhwc(pooled)), jnp.asarray(idx.permute(0, 2, 3, 1).numpy()), (6, 8))
+    np.testing.assert_array_equal(np.asarray(ours), expected)
