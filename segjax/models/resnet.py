@@ -1,1 +1,156 @@
-"""(placeholder: being written)"""
+"""ResNet 18/34/50/101/152 (He et al. 2016), laid out exactly like torchvision's.
+
+Module names mirror torchvision (conv1, bn1, layer1..4, "0".."k" blocks, conv1/bn1/.../downsample
+with "0" conv and "1" BN, fc), so torchvision state_dicts convert with the generic rule.
+Bottleneck puts the stride on the 3x3 conv (ResNet v1.5, as torchvision does).
+
+`replace_stride_with_dilation` follows torchvision: a stage whose flag is set keeps stride 1 and
+multiplies the running dilation by 2 instead; its first block still uses the dilation of the
+stage before it (torchvision's `previous_dilation`), the other blocks the new one.
+
+Without `num_classes` the network is a backbone returning its features by name:
+"stem" (after conv1/bn1/relu, stride 2, 64 ch), "layer1".."layer4" (strides 4, 8, 16, 32 before dilation).
+With `num_classes` it is the ImageNet classifier (global average pool + fc) returning {"out": (N, C)}.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from segjax.models.registry import register
+from segjax.nn import ConvBN, dtype_partials, max_pool2d
+
+Dtype = Any
+
+
+class BasicBlock(nn.Module):
+    planes: int
+    stride: int = 1
+    dilation: int = 1
+    downsample: bool = False
+    axis_name: str | None = None
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.dilation > 1:
+            raise NotImplementedError("BasicBlock does not support dilation (as in torchvision)")
+        conv, norm, conv_bn = dtype_partials(self.dtype, self.param_dtype, self.axis_name)
+        identity = x
+        y = nn.relu(norm(name="bn1")(conv(self.planes, 3, self.stride, name="conv1")(x), train))
+        y = norm(name="bn2")(conv(self.planes, 3, name="conv2")(y), train)
+        if self.downsample:
+            identity = conv_bn(self.planes, 1, self.stride, act=None, name="downsample")(x, train)
+        return nn.relu(y + identity)
+
+
+class Bottleneck(nn.Module):
+    planes: int
+    stride: int = 1
+    dilation: int = 1
+    downsample: bool = False
+    axis_name: str | None = None
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        conv, norm, conv_bn = dtype_partials(self.dtype, self.param_dtype, self.axis_name)
+        out_channels = self.planes * self.expansion
+        identity = x
+        y = nn.relu(norm(name="bn1")(conv(self.planes, 1, name="conv1")(x), train))
+        y = nn.relu(norm(name="bn2")(conv(self.planes, 3, self.stride, dilation=self.dilation, name="conv2")(y), train))
+        y = norm(name="bn3")(conv(out_channels, 1, name="conv3")(y), train)
+        if self.downsample:
+            identity = conv_bn(out_channels, 1, self.stride, act=None, name="downsample")(x, train)
+        return nn.relu(y + identity)
+
+
+def stage_plan(stage_sizes: Sequence[int], expansion: int, replace_stride_with_dilation: Sequence[bool]):
+    """Per stage: list of (stride, dilation, downsample) for each block, as torchvision's `_make_layer`."""
+    inplanes, dilation, plan = 64, 1, []
+    for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), stage_sizes)):
+        stride = 1 if i == 0 else 2
+        previous_dilation = dilation
+        if i > 0 and replace_stride_with_dilation[i - 1]:
+            dilation *= stride
+            stride = 1
+        downsample = stride != 1 or inplanes != planes * expansion
+        blocks_plan = [(stride, previous_dilation, downsample)] + [(1, dilation, False)] * (blocks - 1)
+        plan.append((planes, blocks_plan))
+        inplanes = planes * expansion
+    return plan
+
+
+class ResLayer(nn.Module):
+    """One stage ("layer1".."layer4"): blocks named "0".."k" like torchvision's Sequential."""
+    block: type
+    planes: int
+    blocks: Sequence[tuple[int, int, bool]]  # (stride, dilation, downsample) per block
+    axis_name: str | None = None
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for j, (stride, dilation, downsample) in enumerate(self.blocks):
+            x = self.block(self.planes, stride, dilation, downsample, self.axis_name, self.dtype,
+                           self.param_dtype, name=str(j))(x, train)
+        return x
+
+
+class ResNet(nn.Module):
+    stage_sizes: Sequence[int]
+    block: type = Bottleneck
+    replace_stride_with_dilation: Sequence[bool] = (False, False, False)
+    num_classes: int | None = None  # None: a backbone returning its features by name
+    axis_name: str | None = None
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if len(self.replace_stride_with_dilation) != 3:
+            raise ValueError("replace_stride_with_dilation needs 3 flags (layer2, layer3, layer4)")
+        conv, norm, _ = dtype_partials(self.dtype, self.param_dtype, self.axis_name)
+        x = nn.relu(norm(name="bn1")(conv(64, 7, 2, padding=3, name="conv1")(x), train))
+        features = {"stem": x}
+        x = max_pool2d(x, 3, 2, padding=1)
+        plan = stage_plan(self.stage_sizes, self.block.expansion, self.replace_stride_with_dilation)
+        for i, (planes, blocks) in enumerate(plan):
+            x = ResLayer(self.block, planes, tuple(blocks), self.axis_name, self.dtype, self.param_dtype,
+                         name=f"layer{i + 1}")(x, train)
+            features[f"layer{i + 1}"] = x
+        if self.num_classes is None:
+            return features
+        pooled = x.mean(axis=(1, 2))
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(pooled)
+        return {"out": logits}
+
+
+STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+def resnet_backbone(depth: int, replace_stride_with_dilation=(False, False, False), **kw) -> ResNet:
+    """The feature extractor the segmentation heads sit on (no avgpool/fc)."""
+    block = BasicBlock if depth < 50 else Bottleneck
+    return ResNet(STAGE_SIZES[depth], block, tuple(replace_stride_with_dilation), **kw)
+
+
+def _register_classifier(depth: int):
+    @register(f"resnet{depth}", kind="classification")
+    def build(num_classes: int = 1000, replace_stride_with_dilation=(False, False, False), axis_name=None,
+              dtype=None, param_dtype=jnp.float32) -> ResNet:
+        return resnet_backbone(depth, replace_stride_with_dilation, num_classes=num_classes,
+                               axis_name=axis_name, dtype=dtype, param_dtype=param_dtype)
+    build.__name__ = f"resnet{depth}"
+    return build
+
+
+for _depth in STAGE_SIZES:
+    _register_classifier(_depth)
