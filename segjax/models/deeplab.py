@@ -213,7 +213,7 @@ def deeplabv3_mobilenet_v3_large(num_classes: int = 21, aux: bool = False, dropo
     from segjax.models import mobilenetv3
 
     common = dict(axis_name=axis_name, dtype=dtype, param_dtype=param_dtype)
-    backbone = mobilenetv3.mobilenet_v3_large_backbone(**common)
+    backbone = mobilenetv3.MobileNetV3Features("large", dilated=True, **common)
     classifier = DeepLabHead(num_classes, (12, 24, 36), dropout_rate, **common)
     aux_classifier = FCNHead(num_classes, _aux_rate(dropout_rate, aux_dropout_rate), **common) if aux else None
     return SegmentationModel(backbone, classifier, ("high",), aux_classifier, "low")
