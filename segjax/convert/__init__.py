@@ -37,6 +37,9 @@ class Layout:
     infer_kwargs: Callable[[Mapping[str, np.ndarray]], dict] | None = None
     # For backbone-only import: (prefix of our backbone subtree, rename of classification keys).
     backbone: tuple[str, Rename] | None = None
+    # Rewrites the classification state_dict's values before backbone import, where a rename is not
+    # enough (VGG's fc6/fc7 Linear weights reshaped into the FCN's 7x7/1x1 convolutions).
+    backbone_prepare: Callable[[Mapping[str, np.ndarray]], dict] | None = None
 
 
 _LAYOUTS: dict[str, Layout] = {}
@@ -211,6 +214,8 @@ def load_backbone(name: str, variables: Mapping, state_dict: Mapping[str, np.nda
     if layout.backbone is None:
         raise SegjaxError(f"model {name!r} has no backbone-only import")
     prefix, rename = layout.backbone
+    if layout.backbone_prepare is not None:
+        state_dict = layout.backbone_prepare(state_dict)
     converted = torch_to_flax(state_dict, rename)
     flat = {k: dict(_flatten(v)) for k, v in variables.items()}
     new_flat = {}
