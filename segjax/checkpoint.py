@@ -1,8 +1,15 @@
 """Checkpoints on disk: Orbax for arrays, a JSON file beside them for what built them.
 
 A *variables checkpoint* is a directory holding `variables/` (Orbax, {"params", "batch_stats"})
-and `segjax.json` ({"model", "model_kwargs", ...}). `segjax convert` writes one; training writes
-them inside its CheckpointManager steps; `--checkpoint` accepts one, or a workdir (its best step).
+and `segjax.json` ({"model", "model_kwargs", ...}); `segjax convert` writes one.
+
+Training keeps `<workdir>/checkpoints/<step>/` through an Orbax CheckpointManager (written to a
+temporary directory and renamed: atomic), each step holding the items
+    state/   {"step", "params", "batch_stats", "opt_state", "rng"}  (collective save on many hosts)
+    data/    the data iterator's position, one JSON file per process
+    meta/    {"model", "model_kwargs", "num_classes", "task", "config"}
+The latest `keep` steps are kept, plus the best one by a validation metric. `--checkpoint`
+accepts a variables checkpoint, one step directory, or a workdir (its best step).
 """
 from __future__ import annotations
 
@@ -32,15 +39,134 @@ def save_variables(out_dir: str, variables, meta: dict) -> None:
 
 
 def load_variables(path: str):
-    """Returns (variables, meta) from a variables checkpoint directory."""
+    """Returns (variables, meta) from a variables checkpoint, a training step directory or a workdir."""
     import orbax.checkpoint as ocp
 
-    path = os.path.abspath(path)
+    path = resolve(path)
     meta_path = os.path.join(path, META)
-    if not os.path.isfile(meta_path):
-        raise SegjaxError(f"{path}: not a segjax checkpoint (no {META}); pass a workdir or a checkpoint directory")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        with ocp.StandardCheckpointer() as ckptr:
+            variables = ckptr.restore(os.path.join(path, "variables"))
+        return variables, meta
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(os.path.join(path, "meta"))
     with ocp.StandardCheckpointer() as ckptr:
-        variables = ckptr.restore(os.path.join(path, "variables"))
-    return variables, meta
+        state = ckptr.restore(os.path.join(path, "state"))
+    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, meta
+
+
+def _is_step_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta"))
+
+
+def resolve(path: str) -> str:
+    """`--checkpoint PATH`: a variables checkpoint or step directory as is; a workdir -> its best step."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise SegjaxError(f"{path}: no such checkpoint or workdir")
+    if os.path.isfile(os.path.join(path, META)) or _is_step_dir(path):
+        return path
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+        with TrainCheckpoints(path, read_only=True) as ckpts:
+            step = ckpts.best_step()
+            if step is None:
+                raise SegjaxError(f"{path}: workdir has no finished checkpoint yet; train first (segjax train --workdir {path})")
+            return os.path.join(ckpts.directory, str(step))
+    raise SegjaxError(f"{path}: not a segjax checkpoint (no {META}, state/ or checkpoints/); "
+                      f"pass a workdir or a checkpoint directory")
+
+
+# ------------------------------------------------------------------------------ training checkpoints
+
+CHECKPOINTS = "checkpoints"
+
+
+class IteratorState:
+    """Adapts a data iterator's get_state()/set_state() to grain's per-process Orbax handler."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def get_state(self) -> bytes:
+        state = self.iterator.get_state()
+        if isinstance(state, bytes):
+            return json.dumps({"bytes": state.decode()}).encode()
+        return json.dumps({"json": state}).encode()
+
+    def set_state(self, raw: bytes) -> None:
+        saved = json.loads(raw.decode())
+        self.iterator.set_state(saved["bytes"].encode() if "bytes" in saved else saved["json"])
+
+    def start_prefetch(self) -> None:  # grain's handler calls this after restoring
+        if hasattr(self.iterator, "start_prefetch"):
+            self.iterator.start_prefetch()
+
+
+class TrainCheckpoints:
+    """`<workdir>/checkpoints`: Orbax CheckpointManager keeping the latest `keep` plus the best step."""
+
+    def __init__(self, workdir: str, keep: int = 2, best_metric: str = "miou", read_only: bool = False):
+        import orbax.checkpoint as ocp
+        from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+        import grain.checkpoint  # noqa: F401  registers the iterator handler's args
+
+        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+        self.best_metric = best_metric
+        policy = pp.AnyPreservationPolicy([
+            pp.LatestN(n=max(keep, 1)),
+            pp.BestN(get_metric_fn=lambda m: m.get(best_metric, float("-inf")), n=1, keep_checkpoints_without_metrics=False),
+        ])
+        # best_fn only makes Orbax persist the metrics (so the best step survives a restart).
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
+                                               best_fn=lambda m: m.get(best_metric, float("-inf")),
+                                               read_only=read_only, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the highest best_metric; the latest step where none has metrics."""
+        scored = []
+        for step in self.manager.all_steps():
+            metrics = self.manager.metrics(step)
+            if metrics and self.best_metric in metrics:
+                scored.append((float(metrics[self.best_metric]), step))
+        return max(scored)[1] if scored else self.latest_step()
+
+    def save(self, step: int, state_tree, iterator, meta: dict, metrics: dict | None = None) -> None:
+        import orbax.checkpoint as ocp
+        import grain.checkpoint as gcp
+
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state_tree),
+            data=gcp.CheckpointSave(IteratorState(iterator)),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, state_target, iterator) -> tuple:
+        """Restores `state_target`'s structure (abstract or concrete arrays with shardings) and the iterator."""
+        import orbax.checkpoint as ocp
+        import grain.checkpoint as gcp
+
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(state_target),
+            data=gcp.CheckpointRestore(IteratorState(iterator)),
+            meta=ocp.args.JsonRestore(),
+        )
+        restored = self.manager.restore(step, args=args)
+        return restored["state"], restored["meta"]
