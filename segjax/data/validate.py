@@ -1,0 +1,127 @@
+"""Decode and check one image / mask pair before it goes into a tfds data set.
+
+Every problem becomes a one-line `SegjaxError` naming the file and the fix. Images in any common mode
+(grayscale, RGBA, CMYK, palette, 16-bit) are converted to 8-bit RGB without complaint; masks must
+hold class indices.
+"""
+from __future__ import annotations
+
+import io
+from typing import Mapping
+
+import numpy as np
+from PIL import Image
+
+from segjax.errors import SegjaxError
+
+VOID = 255
+
+
+def _open(data: bytes, where: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # decodes fully: truncated files fail here, not at training time
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise SegjaxError(f"{where}: corrupt or truncated image ({e}); re-download it or drop it from the split") from None
+    return img
+
+
+def _to_uint8(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer grayscale -> 8-bit by scaling the full range, not by clipping."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img).astype(np.float64)
+        top = 65535.0 if a.max() > 255 or img.mode.startswith("I;16") else 255.0
+        return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        a = np.asarray(img)
+        return Image.fromarray(np.clip(np.rint(a * (255.0 if a.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8), "L")
+    return img
+
+
+def encode_image(data: bytes, where: str) -> tuple[bytes, tuple[int, int]]:
+    """Returns (bytes to store, (height, width)). An 8-bit RGB JPEG is stored untouched (byte-exact);
+    anything else is converted to RGB and stored as lossless PNG."""
+    img = _open(data, where)
+    size = (img.height, img.width)
+    if img.format == "JPEG" and img.mode == "RGB":
+        return data, size
+    img = _to_uint8(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))  # transparent pixels become black
+        img = Image.alpha_composite(background, img)
+    img = img.convert("RGB")
+    out = io.BytesIO()
+    img.save(out, format="PNG", compress_level=1)
+    return out.getvalue(), size
+
+
+def decode_mask(data: bytes, where: str) -> np.ndarray:
+    """Class-index mask (H, W) uint8 from an 'L', palette, '1' or 16-bit PNG/GIF/TIFF."""
+    img = _open(data, where)
+    if img.mode == "P":
+        return np.asarray(img, dtype=np.uint8)  # palette index == class index (VOC convention)
+    if img.mode == "1":
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    if img.mode in ("RGB", "RGBA"):
+        a = np.asarray(img)[..., :3]
+        if (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
+            return np.ascontiguousarray(a[..., 0])  # grey stored as RGB: the index is unambiguous
+        raise SegjaxError(
+            f"{where}: RGB colour mask where class indices were expected; save it as a single-channel "
+            "'L' or palette PNG whose pixel values are class indices")
+    if img.mode in ("L", "LA"):
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    a = np.asarray(img)
+    if a.ndim != 2 or a.max() > 255 or a.min() < 0:
+        raise SegjaxError(f"{where}: mask mode {img.mode} with values up to {a.max()}; expected class indices 0-255")
+    return a.astype(np.uint8)
+
+
+def remap(mask: np.ndarray, value_map: Mapping[int, int] | None = None, threshold: int | None = None) -> np.ndarray:
+    """Applies a manifest's value mapping (e.g. {255: 1}) or binarises at `threshold` (>= t -> 1)."""
+    if threshold is not None:
+        return (mask >= threshold).astype(np.uint8)
+    if value_map:
+        lut = np.arange(256, dtype=np.uint8)
+        for k, v in value_map.items():
+            lut[int(k)] = int(v)
+        return lut[mask]
+    return mask
+
+
+def check_mask(mask: np.ndarray, *, image_hw: tuple[int, int], num_classes: int, where: str,
+               image_where: str, remapped: bool = False) -> None:
+    if mask.shape != tuple(image_hw):
+        raise SegjaxError(
+            f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but image {image_where} is "
+            f"{image_hw[1]}x{image_hw[0]}; masks must have the image's size (re-export it at full size)")
+    values = np.unique(mask)
+    bad = values[(values >= num_classes) & (values != VOID)]
+    binary_0_255 = set(values.tolist()) == {0, VOID}
+    if len(bad):
+        hint = ""
+        if set(values.tolist()) <= {0, VOID} | set(bad.tolist()) and len(bad) > 2 and num_classes == 2:
+            hint = " (looks like an anti-aliased binary mask: binarise it with a threshold, e.g. 128)"
+        raise SegjaxError(
+            f"{where}: labels {bad[:8].tolist()} outside [0, {num_classes}) and 255 (void); "
+            f"fix the mask or the value mapping{hint}")
+    if binary_0_255 and num_classes == 2 and not remapped:
+        raise SegjaxError(
+            f"{where}: mask holds only 0 and 255, and 255 means void, so every foreground pixel would be "
+            "ignored; binary masks saved as 0/255 need the value mapping {255: 1}")
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """Single-channel 'L' PNG: palette PNGs would decode to colours under OpenCV."""
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), "L").save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def apply_roi(mask: np.ndarray, roi: np.ndarray, where: str) -> np.ndarray:
+    """Pixels outside the region of interest (roi == 0) become void."""
+    if roi.shape != mask.shape:
+        raise SegjaxError(f"{where}: ROI mask is {roi.shape[1]}x{roi.shape[0]} but the mask is "
+                          f"{mask.shape[1]}x{mask.shape[0]}; use the ROI that belongs to this image")
+    return np.where(roi > 0, mask, VOID).astype(np.uint8)
