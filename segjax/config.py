@@ -150,6 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = "synthetic"
     c.data_dir = ""                    # "" = $SEGJAX_DATA_DIR or ~/.cache/segjax/data
     c.manual_dir = ""                  # where downloaded archives are, for data sets we can't fetch
+    c.data_options = ml_collections.ConfigDict()  # synthetic: image_size, num_train, num_val, ...
     c.train_split = "train"
     c.eval_split = "val"
     c.base_size = 520

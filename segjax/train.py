@@ -1,0 +1,177 @@
+"""Training: a TrainState, two pure step functions, and `train_and_evaluate(config, workdir)`.
+
+`train_step(state, batch, rng) -> (state, metrics)` and `eval_step(state, batch) -> sums` are pure.
+They run three ways with the same code:
+  * jit with NamedSharding over a 1-D device mesh ("data"): batch sharded, state replicated; XLA
+    reduces BatchNorm statistics and gradients over the global batch (the model has no axis_name);
+  * jax.pmap with `axis_name=...` (the model built with the same axis_name for cross-replica BN);
+  * one device.
+Mixed precision: the model computes in `config.dtype`; params and optimizer state stay float32 and
+the loss is computed in float32. A non-finite loss or gradient leaves params, optimizer state and
+BatchNorm statistics untouched for that step (and is reported in the metrics as `nonfinite`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from segjax import inference
+
+LossFn = Callable[[dict, jax.Array], jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array                      # base PRNG key (raw uint32); step keys are fold_in(rng, step)
+    apply_fn: Callable = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    loss_fn: LossFn = struct.field(pytree_node=False)
+    task: str = struct.field(pytree_node=False, default="segmentation")
+    num_classes: int = struct.field(pytree_node=False, default=21)
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def checkpoint_tree(self) -> dict:
+        """Everything that resumes training exactly (with the data iterator's state, saved beside it)."""
+        return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
+                "opt_state": self.opt_state, "rng": self.rng}
+
+    def replace_from_checkpoint(self, tree: dict) -> "TrainState":
+        return self.replace(**{k: tree[k] for k in ("step", "params", "batch_stats", "opt_state", "rng")})
+
+
+def init_variables(model, rng: jax.Array, image_shape: tuple[int, int, int]) -> dict:
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))({"params": rng, "dropout": rng}, x)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation, loss_fn: LossFn,
+                       image_shape: tuple[int, int, int], variables: dict | None = None,
+                       task: str = "segmentation", num_classes: int = 21) -> TrainState:
+    init_rng, train_rng = jax.random.split(rng)
+    variables = variables if variables is not None else init_variables(model, init_rng, image_shape)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=train_rng, apply_fn=model.apply, tx=tx,
+                      loss_fn=loss_fn, task=task, num_classes=num_classes)
+
+
+def _where(ok, new, old):
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, axis_name: str | None = None):
+    """One SGD step on {"image": (B,H,W,3) float32, "mask": (B,H,W) int32}; returns (state, metrics)."""
+    if axis_name is not None:  # a different dropout mask on every replica
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+
+    def loss_of(params):
+        outputs, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                                          train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+        outputs = jax.tree_util.tree_map(lambda t: t.astype(jnp.float32), outputs)
+        return state.loss_fn(outputs, batch["mask"]), updates.get("batch_stats", state.batch_stats)
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+        loss = jax.lax.pmean(loss, axis_name)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.replace(step=state.step + 1,
+                              params=_where(ok, params, state.params),
+                              opt_state=_where(ok, opt_state, state.opt_state),
+                              batch_stats=_where(ok, batch_stats, state.batch_stats))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~ok).astype(jnp.int32)}
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, scales=(1.0,), flip: bool = False, axis_name: str | None = None):
+    """Sums over a batch: {"confusion": (C, C) int32} (segmentation) or saliency sums (saliency)."""
+    from segjax import metrics
+
+    probs = inference.predict_probs(state.apply_fn, state.variables, batch["image"], scales, flip, state.task)
+    if state.task == "saliency":
+        sums = metrics.saliency_sums(probs[..., 0], batch["mask"])
+    else:
+        pred = inference.labels_from_probs(probs)
+        sums = {"confusion": metrics.confusion_matrix(pred, batch["mask"], state.num_classes)}
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    return sums
+
+
+# ------------------------------------------------------------------------------------ parallelism
+
+def make_mesh(devices=None) -> Mesh:
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+class DataParallel:
+    """The jitted steps over a mesh: batch sharded along "data", everything else replicated."""
+
+    def __init__(self, mesh: Mesh, scales=(1.0,), flip: bool = False):
+        self.mesh = mesh
+        self.replicated = NamedSharding(mesh, P())
+        self.data = NamedSharding(mesh, P("data"))
+        self.train_step = jax.jit(train_step, in_shardings=(self.replicated, self.data, self.replicated),
+                                  out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+        self.eval_step = jax.jit(functools.partial(eval_step, scales=tuple(scales), flip=flip),
+                                 in_shardings=(self.replicated, self.data), out_shardings=self.replicated)
+
+    def put_state(self, state: TrainState) -> TrainState:
+        return jax.device_put(state, self.replicated)
+
+    def put_batch(self, batch: dict) -> dict:
+        """This process's slice of the global batch (numpy) -> global arrays sharded over "data"."""
+        return {k: jax.make_array_from_process_local_data(self.data, np.asarray(batch[k])) for k in ("image", "mask")}
+
+    def put_replicated(self, x):
+        return jax.device_put(x, self.replicated)
+
+
+def make_loss_fn(kind: str, num_classes: int, aux_weight: float = 0.5, dice_weight: float = 1.0,
+                 class_weights=()) -> LossFn:
+    """The recipe's loss on the model's float32 outputs: "ce", "ce+dice" or "u2net_bce"."""
+    from segjax import losses
+    from segjax.errors import SegjaxError
+
+    weights = jnp.asarray(class_weights, jnp.float32) if len(class_weights) else None
+    if weights is not None and weights.shape != (num_classes,):
+        raise SegjaxError(f"config.class_weights has {weights.shape[0]} entries; the model has {num_classes} classes")
+
+    def ce(outputs, labels):
+        loss = losses.cross_entropy(outputs["out"], labels, ignore_index=255, class_weights=weights)
+        if "aux" in outputs and aux_weight:
+            loss = loss + aux_weight * losses.cross_entropy(outputs["aux"], labels, ignore_index=255,
+                                                            class_weights=weights)
+        return loss
+
+    if kind == "ce":
+        return ce
+    if kind == "ce+dice":
+        return lambda outputs, labels: ce(outputs, labels) + dice_weight * losses.dice_loss(
+            outputs["out"], labels, num_classes, ignore_index=255)
+    if kind == "u2net_bce":
+        return lambda outputs, labels: losses.u2net_bce(outputs, labels.astype(jnp.float32))
+    raise SegjaxError(f"config.loss={kind!r}: use 'ce', 'ce+dice' or 'u2net_bce'")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains `config` into `workdir` (resuming from its latest checkpoint); returns the final scores."""
+    from segjax.trainer import run
+    return run(config, workdir)

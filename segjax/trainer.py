@@ -1,0 +1,263 @@
+"""The training loop behind `segjax.train.train_and_evaluate(config, workdir)`.
+
+Builds data, model, optimizer and TrainState from a recipe, resumes from the workdir's latest
+checkpoint (params, optimizer state, BatchNorm statistics, step, RNG and the data iterator's
+position), trains with the jitted data-parallel step, evaluates, checkpoints (latest k + best),
+and logs to metrics.jsonl / TensorBoard / PNG plots. SIGTERM or SIGINT finishes the current step,
+checkpoints and exits with a resume message.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from segjax import checkpoint, logs
+from segjax import config as config_lib
+from segjax import train as T
+from segjax.errors import SegjaxError
+
+# What must match between a checkpoint and the recipe resuming it.
+_ARCH_KEYS = ("model", "model_kwargs", "num_classes", "task", "dataset", "batch_size", "optimizer")
+
+
+def data_dir(config) -> str:
+    return os.path.expanduser(config.data_dir or os.environ.get("SEGJAX_DATA_DIR", "~/.cache/segjax/data"))
+
+
+def build_model(config, axis_name: str | None = None):
+    from segjax import models
+    import jax.numpy as jnp
+
+    if config.dtype not in ("float32", "bfloat16", "float16"):
+        raise SegjaxError(f"config.dtype={config.dtype!r}: use float32 or bfloat16")
+    return models.create(config.model, config.num_classes, dtype=jnp.dtype(config.dtype), param_dtype=jnp.float32,
+                         axis_name=axis_name, **config.model_kwargs.to_dict())
+
+
+def model_meta(config) -> dict:
+    return {"model": config.model, "model_kwargs": config.model_kwargs.to_dict(), "num_classes": config.num_classes,
+            "task": config.task, "dataset": config.dataset, "mean": list(config.mean), "std": list(config.std),
+            "config": json.loads(config_lib.to_json(config))}
+
+
+def build_optimizer(config, total_steps: int, warmup_steps: int, param_names):
+    from segjax import optim, schedules
+
+    if config.schedule == "poly":
+        schedule = schedules.poly(config.learning_rate, total_steps, config.power, warmup_steps, config.warmup_factor)
+    elif config.schedule == "cosine":
+        schedule = schedules.cosine(config.learning_rate, total_steps, warmup_steps, config.warmup_factor)
+    else:
+        raise SegjaxError(f"config.schedule={config.schedule!r}: use 'poly' or 'cosine'")
+    lr_mult = {k: v for k, v in config.lr_mult.to_dict().items() if k in param_names}
+    tx = optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum, weight_decay=config.weight_decay,
+                              lr_mult=lr_mult or None, grad_clip_norm=config.grad_clip_norm or None)
+    return tx, schedule
+
+
+def initial_variables(config, model, rng):
+    """Random init, then optionally a whole segjax checkpoint or an ImageNet backbone on top."""
+    variables = T.init_variables(model, rng, (config.crop_size, config.crop_size, 3))
+    if config.init_checkpoint:
+        from segjax.convert import check_fits
+        loaded, _ = checkpoint.load_variables(config.init_checkpoint)
+        check_fits(loaded, variables, f"config.init_checkpoint={config.init_checkpoint}")
+        variables = {k: loaded.get(k, {}) for k in variables}
+    if config.backbone_weights:
+        from segjax import convert
+        variables = convert.load_backbone(config.model, variables, convert.load_state_dict(config.backbone_weights))
+    return variables
+
+
+class StopRequest:
+    """SIGTERM/SIGINT -> finish the step, checkpoint, exit. Handlers are restored on exit."""
+
+    def __init__(self):
+        self.signal = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        def handler(signum, frame):
+            if self.signal is not None:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self.signal = signal.Signals(signum).name
+        previous = {}
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                previous[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread: no signal handling
+            pass
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def evaluate_dataset(parallel, state, loader, task: str) -> dict:
+    """Sums the eval step over a loader on the host in int64/float64; returns metrics.scores(...)."""
+    from segjax import metrics
+
+    total = None
+    for batch in loader:
+        sums = jax.device_get(parallel.eval_step(state, parallel.put_batch(batch)))
+        sums = {k: np.asarray(v, np.int64 if k == "confusion" else np.float64) for k, v in sums.items()}
+        total = sums if total is None else {k: total[k] + sums[k] for k in total}
+    if total is None:
+        raise SegjaxError("the evaluation split is empty")
+    if task == "saliency":
+        return metrics.saliency_scores(total)
+    return metrics.scores(total["confusion"])
+
+
+def _check_resumable(saved: dict, config, workdir: str) -> None:
+    old = saved.get("config", {})
+    new = json.loads(config_lib.to_json(config))
+    changed = [k for k in _ARCH_KEYS if k in old and old[k] != new.get(k)]
+    if changed:
+        k = changed[0]
+        raise SegjaxError(f"{workdir} holds a run with {k}={old[k]!r}, not {new[k]!r}; "
+                          f"use another --workdir or the recipe it was trained with")
+
+
+def run(config, workdir: str) -> dict:
+    from segjax import data
+    from tqdm import tqdm
+
+    workdir = os.path.abspath(workdir)
+    primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    root = data_dir(config)
+    data.prepare(config.dataset, root, config.manual_dir or None, progress=primary,
+                 **config.data_options.to_dict())
+    train_source = data.open_source(config.dataset, config.train_split, root)
+    eval_source = data.open_source(config.dataset, config.eval_split, root)
+    if config.batch_size % jax.device_count():
+        raise SegjaxError(f"config.batch_size={config.batch_size} must be a multiple of the {jax.device_count()} devices")
+    steps_per_epoch = max(1, len(train_source) // config.batch_size)
+    total_steps = config.num_steps or config.num_epochs * steps_per_epoch
+    warmup_steps = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
+    stop_at = min(config.stop_at_step or total_steps, total_steps)
+    eval_every = config.eval_every_steps or steps_per_epoch
+
+    model = build_model(config)
+    rng = jax.random.PRNGKey(config.seed)
+    variables = initial_variables(config, model, jax.random.fold_in(rng, 1))
+    tx, schedule = build_optimizer(config, total_steps, warmup_steps, set(variables["params"]))
+    loss_fn = T.make_loss_fn(config.loss, config.num_classes, config.aux_weight, config.dice_weight,
+                             tuple(config.class_weights))
+    state = T.create_train_state(rng, model, tx, loss_fn, (config.crop_size, config.crop_size, 3), variables,
+                                 config.task, config.num_classes)
+    parallel = T.DataParallel(T.make_mesh(), config.eval_scales, config.eval_flip)
+
+    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    local_batch = config.batch_size // jax.process_count()
+    train_iter = iter(data.make_train_loader(
+        train_source, batch_size=local_batch, crop_size=config.crop_size, base_size=config.base_size,
+        scale_range=tuple(config.scale_range), hflip=config.hflip, vflip=config.vflip, mean=tuple(config.mean),
+        std=tuple(config.std), seed=config.seed, worker_count=config.workers,
+        num_epochs=math.ceil(total_steps / steps_per_epoch) + 1, **shard))
+
+    def eval_loader():
+        return data.make_eval_loader(eval_source, batch_size=max(config.eval_batch_size // jax.process_count(), 1)
+                                     * 1, mean=tuple(config.mean), std=tuple(config.std), **shard)
+
+    meta = model_meta(config)
+    if primary:
+        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
+            f.write(config_lib.to_json(config))
+        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+    ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, config.best_metric)
+    start = ckpts.latest_step() or 0
+    if start:
+        tree, saved_meta = ckpts.restore(start, state.checkpoint_tree(), train_iter)
+        _check_resumable(saved_meta, config, workdir)
+        state = state.replace_from_checkpoint(tree)
+        print(f"resuming {workdir} from step {start}/{total_steps}")
+    state = parallel.put_state(state)
+    writer = logs.MetricWriter(workdir, enabled=primary)
+    class_names = _class_names(data, config)
+    skipped, scores, last_eval = 0, None, -1
+    pending, t_log, n_log = [], time.perf_counter(), 0
+
+    def do_eval(step):
+        nonlocal scores, last_eval
+        scores = evaluate_dataset(parallel, state, eval_loader(), config.task)
+        writer.write(step, "eval", scores)
+        last_eval = step
+        return {config.best_metric: float(scores[config.best_metric])}
+
+    stop = StopRequest()
+    bar = tqdm(total=total_steps, initial=start, desc=f"train {config.name}", unit="step", disable=not primary,
+               dynamic_ncols=True)
+    step = start
+    try:
+        with stop.installed():
+            while step < stop_at and stop.signal is None:
+                batch = next(train_iter)
+                state, m = parallel.train_step(state, parallel.put_batch(batch),
+                                               jax.random.fold_in(state.rng, step))
+                pending.append((step, m))
+                step += 1
+                n_log += config.batch_size
+                bar.update(1)
+                if step % config.log_every_steps == 0 or step == stop_at:
+                    skipped += _flush(pending, config.nonfinite, writer, schedule, n_log, t_log, bar)
+                    pending, t_log, n_log = [], time.perf_counter(), 0
+                if step % eval_every == 0 or step == total_steps:
+                    ckpts.save(step, state.checkpoint_tree(), train_iter, meta, do_eval(step))
+        skipped += _flush(pending, config.nonfinite, writer, schedule, n_log, t_log, bar)
+    finally:
+        bar.close()
+    if last_eval != step:
+        ckpts.save(step, state.checkpoint_tree(), train_iter, meta, do_eval(step) if step == total_steps else None)
+    ckpts.close()
+    writer.close()
+    if step < total_steps:
+        why = f"{stop.signal} received" if stop.signal else f"stop_at_step={stop_at}"
+        print(f"{why}: saved step {step}/{total_steps} to {workdir}; run the same command again to resume")
+        return {"step": step, "stopped": True}
+    if primary:
+        from segjax import metrics
+        logs.plot(workdir, class_names)
+        if config.task != "saliency":
+            print(metrics.format_table(scores, class_names))
+        print(f"{config.name}: step {step}, {config.best_metric} {scores[config.best_metric]:.4f}"
+              + (f", skipped {skipped} non-finite steps" if skipped else "") + f"; workdir {workdir}")
+    return {"step": step, **scores}
+
+
+def _class_names(data, config):
+    try:
+        names = list(data.class_names(config.dataset))
+    except Exception:  # a data set without names: numbers
+        names = []
+    return names if len(names) == config.num_classes else [str(i) for i in range(config.num_classes)]
+
+
+def _flush(pending, policy: str, writer, schedule, images: int, t0: float, bar) -> int:
+    """Fetches the pending step metrics, checks them for NaN/Inf, logs their mean; returns skipped steps."""
+    if not pending:
+        return 0
+    values = jax.device_get([m for _, m in pending])
+    bad = [s + 1 for (s, _), v in zip(pending, values) if int(v["nonfinite"])]
+    if bad and policy != "skip":
+        raise SegjaxError(f"non-finite loss or gradient at step {bad[0]} (update not applied); lower the "
+                          f"learning rate, or set --config.nonfinite=skip to skip such steps")
+    step = pending[-1][0] + 1
+    good = [v for v in values if not int(v["nonfinite"])] or values
+    record = {k: float(np.mean([v[k] for v in good])) for k in ("loss", "grad_norm")}
+    record["lr"] = float(schedule(step - 1))
+    record["images_per_s"] = images / max(time.perf_counter() - t0, 1e-9)
+    if bad:
+        record["skipped_steps"] = len(bad)
+    writer.write(step, "train", record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
+    return len(bad)
