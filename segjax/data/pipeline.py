@@ -1,0 +1,167 @@
+"""grain input pipelines over a random-access source (see `open_source`).
+
+Train: `grain.DataLoader` with a shuffling `IndexSampler`, sharded per JAX process. grain gives every
+record its own RNG derived from (seed, record position), so the batches are the same for any number
+of worker processes, and the iterator's `get_state()` / `set_state()` resumes exactly where it was.
+
+Eval (the choice, documented): every image keeps its own resolution (optionally after torchvision's
+resize of the shorter side to `base_size`) and is padded at the bottom/right to one fixed `eval_size`
+(by default the largest image of the split, rounded up to a multiple of `pad_multiple`, the model's
+output stride). Padding is 0 in the image and 255 (void) in the mask, so metrics ignore it; the batch
+also carries `valid_hw` to crop logits back to the image. The last batch is filled up with void
+examples (`index` -1, `valid_hw` 0), so every process sees the same number of fixed-shape batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import grain.python as grain
+import numpy as np
+
+from segjax.data import transforms
+from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from segjax.errors import SegjaxError
+
+
+def _process_shard(shard_index, shard_count) -> tuple[int, int]:
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise SegjaxError(f"shard_index {shard_index} outside [0, {shard_count})")
+    return int(shard_index), int(shard_count)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform(grain.RandomMapTransform):
+    crop_size: tuple[int, int]
+    base_size: int
+    scale_range: tuple[float, float]
+    hflip: bool
+    vflip: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def random_map(self, element, rng: np.random.Generator):
+        image, mask = transforms.train_transform(
+            element["image"], element["segmentation_mask"], rng, crop_size=self.crop_size,
+            base_size=self.base_size, scale_range=self.scale_range, hflip=self.hflip, vflip=self.vflip,
+            mean=self.mean, std=self.std)
+        return {"image": image, "mask": mask}
+
+
+def make_train_loader(source, *, batch_size: int, crop_size, base_size: int, scale_range=(0.5, 2.0),
+                      hflip: bool = True, vflip: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      seed: int = 0, worker_count: int = 0, shard_index: int | None = None,
+                      shard_count: int | None = None, num_epochs: int | None = None,
+                      worker_buffer_size: int = 2, read_threads: int = 16) -> grain.DataLoader:
+    """Shuffled, augmented, batched training data: {"image": float32 (B, H, W, 3), "mask": int32 (B, H, W)}.
+
+    `batch_size` is per process; each process reads its own shard of the source. num_epochs=None
+    repeats forever (reshuffling every epoch). `iter(loader)` has get_state()/set_state().
+    """
+    shard_index, shard_count = _process_shard(shard_index, shard_count)
+    per_shard = len(source) // shard_count
+    if per_shard < batch_size:
+        raise SegjaxError(f"{source}: {per_shard} examples per process is fewer than batch_size {batch_size}; "
+                          "lower the batch size")
+    sampler = grain.IndexSampler(
+        num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs,
+        shard_options=grain.ShardOptions(shard_index, shard_count, drop_remainder=True))
+    transform = TrainTransform(transforms.pair(crop_size), int(base_size), tuple(scale_range), bool(hflip),
+                               bool(vflip), tuple(mean), tuple(std))
+    return grain.DataLoader(
+        data_source=source, sampler=sampler, worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+        operations=[transform, grain.Batch(batch_size, drop_remainder=True)],
+        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, 16)))
+
+
+class _PaddedShard:
+    """This process's slice of `source`, stretched to `length` with void examples."""
+
+    def __init__(self, source, indices: list[int], length: int, pad_hw):
+        self.source, self.indices, self.length, self.pad_hw = source, indices, length, pad_hw
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        i = int(i)
+        if i < len(self.indices):
+            return {**self.source[self.indices[i]], "index": self.indices[i]}
+        return {"image": np.zeros((1, 1, 3), np.uint8), "segmentation_mask": np.full((1, 1), 255, np.uint8),
+                "index": -1}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform(grain.MapTransform):
+    pad_hw: tuple[int, int]
+    base_size: int | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def map(self, element):
+        image, mask, hw = transforms.eval_transform(element["image"], element["segmentation_mask"],
+                                                    pad_hw=self.pad_hw, base_size=self.base_size,
+                                                    mean=self.mean, std=self.std)
+        if element["index"] < 0:
+            hw = (0, 0)
+        return {"image": image, "mask": mask, "valid_hw": np.asarray(hw, np.int32),
+                "index": np.int32(element["index"])}
+
+
+def largest_size(source, base_size: int | None = None, multiple: int = 1) -> tuple[int, int]:
+    """The largest (H, W) over `source` (after the eval resize), rounded up to `multiple`. Decodes
+    every example once; pass eval_size to skip this."""
+    h = w = 1
+    for i in range(len(source)):
+        mh, mw = source[i]["segmentation_mask"].shape
+        if base_size is not None:
+            mh, mw = transforms.resized_shape(mh, mw, base_size)
+        h, w = max(h, mh), max(w, mw)
+    return math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple
+
+
+class EvalLoader:
+    """Fixed-shape eval batches {"image", "mask", "valid_hw" (B, 2), "index" (B,)}; len() batches."""
+
+    def __init__(self, source, *, batch_size, eval_size=None, base_size=None, pad_multiple=32,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, worker_count=0, shard_index=None, shard_count=None):
+        shard_index, shard_count = _process_shard(shard_index, shard_count)
+        if len(source) == 0:
+            raise SegjaxError(f"{source}: empty split; nothing to evaluate")
+        self.eval_size = transforms.pair(eval_size) if eval_size is not None else \
+            largest_size(source, base_size, pad_multiple)
+        indices = list(range(shard_index, len(source), shard_count))
+        per_process = math.ceil(len(source) / shard_count)
+        self.num_batches = math.ceil(per_process / batch_size)
+        padded = _PaddedShard(source, indices, self.num_batches * batch_size, self.eval_size)
+        self._loader = grain.DataLoader(
+            data_source=padded, worker_count=worker_count,
+            sampler=grain.IndexSampler(num_records=len(padded), shuffle=False, num_epochs=1, seed=0),
+            operations=[EvalTransform(self.eval_size, base_size, tuple(mean), tuple(std)),
+                        grain.Batch(batch_size, drop_remainder=False)])
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        return iter(self._loader)
+
+
+def make_eval_loader(source, *, batch_size: int, eval_size=None, base_size: int | None = None,
+                     pad_multiple: int = 32, mean=IMAGENET_MEAN, std=IMAGENET_STD, worker_count: int = 0,
+                     shard_index: int | None = None, shard_count: int | None = None) -> EvalLoader:
+    """Every example of `source` exactly once (this process's share), in order, in fixed-shape
+    batches; see the module docstring for the padding policy."""
+    return EvalLoader(source, batch_size=batch_size, eval_size=eval_size, base_size=base_size,
+                      pad_multiple=pad_multiple, mean=mean, std=std, worker_count=worker_count,
+                      shard_index=shard_index, shard_count=shard_count)
+
+
+def crop_logits(logits: np.ndarray, valid_hw) -> list[np.ndarray]:
+    """Per-example logits cut back to their image's valid region (fillers give empty arrays)."""
+    return [np.asarray(logits[i, :h, :w]) for i, (h, w) in enumerate(np.asarray(valid_hw))]

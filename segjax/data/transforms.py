@@ -1,0 +1,87 @@
+"""Per-example transforms on numpy arrays, as torchvision's segmentation reference does them.
+
+Train (SegmentationPresetTrain): resize the shorter side to a random size in
+[scale_range[0], scale_range[1]] x base_size (bilinear image, nearest mask), flip, pad to the crop
+(image 0, mask 255, right and bottom), random crop, normalise. Only the pixels inside the crop are
+resampled: PIL's `resize(box=...)` computes each output pixel from the same source coordinates as
+resizing the whole image and then cropping, so the result is identical and much cheaper at 2x.
+
+Eval: optionally resize the shorter side to base_size, then pad to a fixed size (image 0, mask 255).
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VOID = 255
+
+
+def pair(size) -> tuple[int, int]:
+    return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+
+
+def resized_shape(h: int, w: int, shorter: int) -> tuple[int, int]:
+    """torchvision's F.resize(img, shorter): the shorter side becomes `shorter`, the longer one is
+    truncated, not rounded."""
+    if h <= w:
+        return shorter, int(shorter * w / h)
+    return int(shorter * h / w), shorter
+
+
+def resize_window(image: np.ndarray, mask: np.ndarray, out_hw, top: int, left: int, rows: int, cols: int):
+    """The window [top, top+rows) x [left, left+cols) of image/mask resized to out_hw (as if the whole
+    pair were resized, then cropped)."""
+    h, w = mask.shape
+    sy, sx = h / out_hw[0], w / out_hw[1]
+    box = (left * sx, top * sy, (left + cols) * sx, (top + rows) * sy)
+    img = np.asarray(Image.fromarray(image).resize((cols, rows), Image.BILINEAR, box=box))
+    msk = np.asarray(Image.fromarray(mask).resize((cols, rows), Image.NEAREST, box=box))
+    return img, msk
+
+
+def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """uint8 HWC -> float32 (x / 255 - mean) / std."""
+    scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
+    shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
+    return image.astype(np.float32) * scale - shift
+
+
+def train_transform(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, crop_size, base_size: int,
+                    scale_range=(0.5, 2.0), hflip: bool = True, vflip: bool = False,
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[np.ndarray, np.ndarray]:
+    """-> (float32 (ch, cw, 3) normalised image, int32 (ch, cw) mask with 255 in padding)."""
+    ch, cw = pair(crop_size)
+    shorter = int(rng.integers(int(scale_range[0] * base_size), int(scale_range[1] * base_size), endpoint=True))
+    rh, rw = resized_shape(*mask.shape, shorter)
+    top = int(rng.integers(0, max(rh - ch, 0), endpoint=True))
+    left = int(rng.integers(0, max(rw - cw, 0), endpoint=True))
+    rows, cols = min(ch, rh - top), min(cw, rw - left)
+    img, msk = resize_window(image, mask, (rh, rw), top, left, rows, cols)
+    out_img = np.zeros((ch, cw, 3), np.uint8)
+    out_msk = np.full((ch, cw), VOID, np.uint8)
+    out_img[:rows, :cols], out_msk[:rows, :cols] = img, msk
+    if hflip and rng.random() < 0.5:
+        out_img, out_msk = out_img[:, ::-1], out_msk[:, ::-1]
+    if vflip and rng.random() < 0.5:
+        out_img, out_msk = out_img[::-1], out_msk[::-1]
+    return normalize(out_img, mean, std), out_msk.astype(np.int32)
+
+
+def eval_transform(image: np.ndarray, mask: np.ndarray, *, pad_hw, base_size: int | None = None,
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """-> (image padded to pad_hw, mask padded with 255, (h, w) of the valid top-left region)."""
+    if base_size is not None:
+        rh, rw = resized_shape(*mask.shape, base_size)
+        image, mask = resize_window(image, mask, (rh, rw), 0, 0, rh, rw)
+    h, w = mask.shape
+    ph, pw = pair(pad_hw)
+    if h > ph or w > pw:
+        from segjax.errors import SegjaxError
+        raise SegjaxError(f"eval image of {h}x{w} does not fit eval_size {ph}x{pw}; raise eval_size or leave it "
+                          "unset to use the largest image of the split")
+    out_img = np.zeros((ph, pw, 3), np.uint8)
+    out_msk = np.full((ph, pw), VOID, np.uint8)
+    out_img[:h, :w], out_msk[:h, :w] = image, mask
+    return normalize(out_img, mean, std), out_msk.astype(np.int32), (h, w)
