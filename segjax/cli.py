@@ -50,12 +50,40 @@ def _run_convert(args):
     print(f"wrote {args.out_dir}: {args.name}, {n:,} parameters")
 
 
+# ------------------------------------------------------------------------------------------ data
+
+def _add_data(sub):
+    p = sub.add_parser("data", help="prepare data sets (tfds, array_record) under --data-dir")
+    verbs = p.add_subparsers(dest="data_verb", required=True)
+    q = verbs.add_parser("prepare", help="build a data set once (idempotent); prints its split sizes")
+    q.add_argument("name", help="voc2012 | voc2012_aug | drive | duts | folder | synthetic")
+    q.add_argument("--data-dir", default=None, help="default: $SEGJAX_DATA_DIR or ~/.cache/segjax/data")
+    q.add_argument("--manual-dir", default=None,
+                   help="folder with the downloaded archives or extracted folders (not for synthetic)")
+    q.add_argument("--manifest", default=None, help="JSON manifest for 'folder' (see segjax/data/folder.py)")
+    q.add_argument("--image-size", type=int, default=None, help="synthetic: image side in pixels")
+    q.add_argument("--num-train", type=int, default=None, help="synthetic: training images")
+    q.add_argument("--num-val", type=int, default=None, help="synthetic: validation images")
+    q.add_argument("--seed", type=int, default=None, help="synthetic: generator seed")
+    q.set_defaults(run=_run_data_prepare)
+
+
+def _run_data_prepare(args):
+    from segjax import data
+
+    opts = {k: getattr(args, k) for k in ("image_size", "num_train", "num_val", "seed") if getattr(args, k) is not None}
+    if opts and args.name != "synthetic":
+        raise SegjaxError(f"--{sorted(opts)[0].replace('_', '-')} only applies to 'synthetic'")
+    sizes = data.prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir, manifest=args.manifest, **opts)
+    print(f"{args.name}: " + ", ".join(f"{split} {n:,}" for split, n in sizes.items()))
+
+
 # ------------------------------------------------------------------------------------------ main
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (_add_inspect, _add_convert):
+    for add in (_add_inspect, _add_convert, _add_data):
         add(sub)
     return parser
 
