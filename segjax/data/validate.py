@@ -60,7 +60,12 @@ def decode_mask(data: bytes, where: str) -> np.ndarray:
     """Class-index mask (H, W) uint8 from an 'L', palette, '1' or 16-bit PNG/GIF/TIFF."""
     img = _open(data, where)
     if img.mode == "P":
-        return np.asarray(img, dtype=np.uint8)  # palette index == class index (VOC convention)
+        index = np.asarray(img, dtype=np.uint8)
+        colours = np.asarray(img.getpalette() or [], np.uint8).reshape(-1, 3)
+        used = np.unique(index)
+        if len(colours) > used.max() and (colours[used] == colours[used][:, :1]).all():
+            return colours[index][..., 0]  # a grey palette (e.g. DRIVE's GIFs): the grey level is the value
+        return index  # palette index == class index (VOC convention)
     if img.mode == "1":
         return np.asarray(img.convert("L"), dtype=np.uint8)
     if img.mode in ("RGB", "RGBA"):
