@@ -115,3 +115,22 @@ def test_bad_options_raise_one_line_errors():
     tx = make_optimizer("sgd", 0.1, lr_mult={"aux_clasifier": 10.0})
     with pytest.raises(SegjaxError, match="aux_clasifier"):
         tx.init(jax.tree.map(jax.numpy.asarray, initial_params()))
+
+
+def test_state_round_trips_through_orbax_and_training_continues_identically(tmp_path):
+    import orbax.checkpoint as ocp
+
+    tx = make_optimizer("sgd", schedules.poly(BASE_LR, TOTAL, warmup_steps=2), grad_clip_norm=1.0,
+                        lr_mult={"aux_classifier": 10.0})
+    params = jax.tree.map(jax.numpy.asarray, initial_params())
+    grads = jax.tree.map(lambda p: 0.5 * p + 1.0, params)
+    update = jax.jit(tx.update)
+    _, state = update(grads, tx.init(params), params)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "opt", state)
+        ckptr.wait_until_finished()
+        restored = ckptr.restore(tmp_path / "opt", tx.init(params))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    expected, _ = update(grads, state, params)
+    got, _ = update(grads, restored, params)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)

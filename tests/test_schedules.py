@@ -22,14 +22,15 @@ def torch_lrs(make_scheduler, base_lr, steps):
 
 
 def optax_lrs(schedule, steps):
-    return np.asarray([float(schedule(t)) for t in range(steps)], np.float64)
+    return np.asarray(schedule(np.arange(steps)), np.float64)  # Optax schedules take an array of steps
 
 
 def assert_close(ours, ref, base_lr):
-    # Optax evaluates in float32: allow float32 rounding relative to the peak rate (the cosine's
-    # 1 + cos(.) cancels near its end, so its relative error there is larger than 1e-6).
+    # Optax evaluates in float32: allow float32 rounding relative to the peak rate. Near the end the
+    # relative error grows: the cosine's 1 + cos(.) cancels, and XLA turns t / T into t * (1 / T),
+    # so at t = T poly gives (6e-8) ** 0.9 * base_lr ~ 3e-7 * base_lr instead of 0.
     print(f"max abs err {np.abs(ours - ref).max():.3g} (base lr {base_lr})")
-    np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=base_lr * 2e-7)
+    np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=base_lr * 5e-7)
 
 
 @pytest.mark.parametrize("total, power", [(97, 0.9), (40, 2.0)])
