@@ -69,13 +69,15 @@ def dice_loss(logits, labels, num_classes: int | None = None, ignore_index: int 
 def soft_iou_loss(logits, labels, ignore_index: int = 255):
     """1 - sum(X * Y) / sum(X + Y - X * Y) over the whole batch, X probabilities, Y targets.
 
-    C > 1: X = softmax, Y = one-hot labels, void pixels left out. C == 1 (saliency): X = sigmoid,
-    Y = `labels` as float targets in [0, 1], shape (N, H, W) or (N, H, W, 1), no void.
+    C > 1: X = softmax, Y = one-hot labels. C == 1 (saliency): X = sigmoid, Y = `labels` as
+    targets in [0, 1], shape (N, H, W) or (N, H, W, 1). Void pixels (`ignore_index`) left out.
     """
     logits = jnp.asarray(logits).astype(jnp.float32)
     if logits.shape[-1] == 1:
-        probs = jax.nn.sigmoid(logits)
         target = _binary_target(labels, logits.shape)
+        valid = (target != ignore_index).astype(jnp.float32)
+        probs = jax.nn.sigmoid(logits) * valid
+        target = target * valid
     else:
         valid, safe = _valid_and_safe(labels, ignore_index)
         mask = valid[..., None].astype(jnp.float32)
@@ -95,22 +97,30 @@ def _binary_target(target, logits_shape):
     return target
 
 
-def binary_cross_entropy(logits, target):
-    """Mean BCE-with-logits (torch.nn.BCEWithLogitsLoss) over every pixel; target in [0, 1]."""
+def binary_cross_entropy(logits, target, ignore_index: int = 255):
+    """Mean BCE-with-logits (torch.nn.BCEWithLogitsLoss) over the non-void pixels.
+
+    target: (N, H, W) or (N, H, W, 1) in [0, 1] (float or 0/1 integers); pixels equal to
+    `ignore_index` (void padding of a crop) count nowhere.
+    """
     logits = jnp.asarray(logits).astype(jnp.float32)
-    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, _binary_target(target, logits.shape)))
+    target = _binary_target(target, logits.shape)
+    valid = target != ignore_index
+    bce = optax.sigmoid_binary_cross_entropy(logits, jnp.where(valid, target, 0.0))
+    return _safe_divide(jnp.sum(jnp.where(valid, bce, 0.0)), jnp.sum(valid.astype(jnp.float32)))
 
 
-def u2net_bce(outputs: Mapping, target):
+def u2net_bce(outputs: Mapping, target, ignore_index: int = 255):
     """U-2-Net's muti_bce_loss_fusion on logits: BCE(fused) + sum of BCE(side_i), each a pixel mean.
 
     `outputs["out"]` is the fused map (d0), `outputs["sides"]` the side maps (d1..d6), all
     (N, H, W, 1) logits. U-2-Net applies nn.BCELoss to sigmoid outputs; on logits this is the same
     loss, stable (torch's BCELoss clamps log at -100, i.e. differs only past |logit| ~ 100).
+    Void pixels (`ignore_index`) are left out of every mean (U-2-Net itself has none).
     """
     sides: Sequence = outputs.get("sides", ())
-    return binary_cross_entropy(outputs["out"], target) + sum(
-        binary_cross_entropy(side, target) for side in sides
+    return binary_cross_entropy(outputs["out"], target, ignore_index) + sum(
+        binary_cross_entropy(side, target, ignore_index) for side in sides
     )
 
 

@@ -90,11 +90,13 @@ def scores(cm) -> dict:
     }
 
 
-def saliency_sums(prob, target, valid=None, normalize: bool = True) -> dict:
+def saliency_sums(prob, target, valid=None, normalize: bool = True, ignore_index: int = 255) -> dict:
     """Per-batch sums for `saliency_scores`, as the U-2-Net evaluation tool computes them.
 
     prob: (N, H, W) or (N, H, W, 1) saliency in [0, 1] (sigmoid of the fused logits); target:
-    same shape, ground truth in [0, 1]; valid: optional (N,) 0/1 weights (padding images out).
+    same shape, ground truth in [0, 1] (float, or 0/1 integers), `ignore_index` on void pixels
+    (padding), which count nowhere; valid: optional (N,) 0/1 weights (padding images out; an image
+    with no non-void pixel is left out too).
     Per image, as U-2-Net's test script and xuebinqin/Binary-Segmentation-Evaluation-Tool:
       - `normalize`: min-max normalise the map (U-2-Net's normPRED); then round it to 8 bits,
         levels 0..255 (the saved PNG);
@@ -111,20 +113,27 @@ def saliency_sums(prob, target, valid=None, normalize: bool = True) -> dict:
         raise SegjaxError(f"saliency map shape {prob.shape} != target shape {target.shape}")
     n = prob.shape[0]
     prob, target = prob.reshape(n, -1), target.reshape(n, -1)
+    pixel_ok = target != ignore_index
+    num_ok = pixel_ok.sum(1)
     if normalize:
-        lo, hi = prob.min(1, keepdims=True), prob.max(1, keepdims=True)
+        lo = jnp.min(jnp.where(pixel_ok, prob, jnp.inf), axis=1, keepdims=True)
+        hi = jnp.max(jnp.where(pixel_ok, prob, -jnp.inf), axis=1, keepdims=True)
+        lo, hi = jnp.where(num_ok[:, None] > 0, lo, 0.0), jnp.where(num_ok[:, None] > 0, hi, 1.0)
         prob = (prob - lo) / jnp.maximum(hi - lo, _EPS)
-    weight = jnp.ones((n,), jnp.float32) if valid is None else jnp.asarray(valid, jnp.float32)
+    weight = (num_ok > 0).astype(jnp.float32)
+    if valid is not None:
+        weight = weight * jnp.asarray(valid, jnp.float32)
 
     level = jnp.clip(jnp.round(prob * 255.0), 0, 255).astype(jnp.int32)
     fg = target > 128.0 / 255.0
-    bins = jnp.arange(n)[:, None] * 512 + fg * 256 + level  # per image: 256 background, 256 foreground
-    hist = jnp.bincount(bins.reshape(-1), length=n * 512).reshape(n, 2, 256).astype(jnp.float32)
+    # per image 512 bins (256 background levels, 256 foreground levels); void pixels -> a dropped bin
+    bins = jnp.where(pixel_ok, jnp.arange(n)[:, None] * 512 + fg * 256 + level, n * 512)
+    hist = jnp.bincount(bins.reshape(-1), length=n * 512 + 1)[:-1].reshape(n, 2, 256).astype(jnp.float32)
     above = jnp.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]  # above[..., t] = #pixels with level >= t
     fp, tp = above[:, 0, 1:], above[:, 1, 1:]  # level > s  <=>  level >= s + 1, s = 0..254
     precision = tp / (tp + fp + _EPS)
     recall = tp / (hist[:, 1].sum(-1, keepdims=True) + _EPS)
-    mae = jnp.mean(jnp.abs(prob - target), axis=1)
+    mae = jnp.sum(jnp.where(pixel_ok, jnp.abs(prob - target), 0.0), axis=1) / jnp.maximum(num_ok, 1)
     return {
         "mae": jnp.sum(weight * mae),
         "precision": jnp.sum(weight[:, None] * precision, axis=0),

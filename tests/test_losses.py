@@ -128,3 +128,19 @@ def test_u2net_bce_is_sum_of_seven_torch_bce_with_logits_means():
                                              t.double()).item() for m in maps)
     print(f"u2net bce {ours:.6f} vs torch {ref:.6f}, abs err {abs(ours - ref):.2g}")
     assert abs(ours - ref) < 1e-5 and abs(ours - ref_sigmoid) < 1e-5
+
+
+def test_binary_losses_leave_void_pixels_out():
+    rng = np.random.default_rng(7)
+    maps = [(4 * rng.normal(size=(N, H, W, 1))).astype(np.float32) for _ in range(3)]
+    target = (rng.random((N, H, W)) > 0.5).astype(np.int32)
+    target[:, :, -2:] = 255  # crop padding
+    keep = torch.from_numpy(target != 255)
+    t = torch.from_numpy(np.where(target == 255, 0, target).astype(np.float32))
+    ref = sum(F.binary_cross_entropy_with_logits(torch.from_numpy(m)[..., 0][keep], t[keep]).item() for m in maps)
+    ours = float(losses.u2net_bce({"out": maps[0], "sides": maps[1:]}, target))
+    assert abs(ours - ref) < 1e-5
+    x = 1 / (1 + np.exp(-maps[0][..., 0].astype(np.float64)))[target != 255]
+    y = target[target != 255].astype(np.float64)
+    ref_iou = 1 - (x * y).sum() / (x + y - x * y).sum()
+    assert abs(float(losses.soft_iou_loss(maps[0], target)) - ref_iou) < 1e-6

@@ -74,11 +74,14 @@ def test_accumulate_in_int64_past_two_to_the_31():
 
 
 def eval_tool_reference(probs, targets):
-    """The U-2-Net route done by hand: normPRED, 8-bit map, then the evaluation tool's recipe
-    (max-normalise to [0, 255], np.histogram over bins 0..255, flipped cumulative counts)."""
+    """The U-2-Net route done by hand on each image's non-void pixels: normPRED, 8-bit map, then the
+    evaluation tool's recipe (max-normalise to [0, 255], np.histogram over bins 0..255, flipped
+    cumulative counts), curves averaged over images, F with beta^2 = 0.3."""
     beta = 0.3
     pre, rec, maes = [], [], []
     for p, t in zip(probs, targets):
+        keep = t != 255
+        p, t = p[keep], t[keep]
         p = (p - p.min()) / (p.max() - p.min())
         saved = np.floor(p * 255 + 0.5)
         gt = t / (t.max() + 1e-8) * 255.0
@@ -96,20 +99,25 @@ def eval_tool_reference(probs, targets):
 def test_saliency_scores_follow_the_u2net_evaluation_tool():
     rng = np.random.default_rng(2)
     n, h, w = 6, 24, 20
-    targets = np.zeros((n, h, w), np.float32)
+    targets = np.zeros((n, h, w), np.int32)  # 0/1 masks as the data pipeline gives, 255 = padding
     for i in range(n):
         y, x = rng.integers(2, 12, 2)
-        targets[i, y:y + 9, x:x + 7] = 1.0
+        targets[i, y:y + 9, x:x + 7] = 1
+    targets[1, :, 15:] = 255
+    targets[4, 20:] = 255
     probs = np.clip(0.35 * targets + 0.65 * rng.random((n, h, w)), 0, 1).astype(np.float32)
+    probs[targets == 255] = 0.99  # would change the normalisation and the counts if not ignored
     sums_fn = jax.jit(metrics.saliency_sums)
     total = None
-    for lo in range(0, n, 4):  # two batches, the last one padded with a repeated image
+    for lo in range(0, n, 4):  # the last batch padded with a repeated image (valid=0) and a void one
         p, t = probs[lo:lo + 4], targets[lo:lo + 4]
         valid = np.ones(4, np.float32)
         if len(p) < 4:
-            valid[len(p):] = 0
-            p, t = np.concatenate([p, p[:4 - len(p)]]), np.concatenate([t, t[:4 - len(t)]])
+            valid[len(p)] = 0
+            p = np.concatenate([p, p[:1], np.full_like(p[:1], 0.3)])
+            t = np.concatenate([t, t[:1], np.full_like(t[:1], 255)])
         total = metrics.accumulate(total, sums_fn(p, t, valid))
+    assert total["count"] == n
     got = metrics.saliency_scores(total)
     mae, pre, rec, f = eval_tool_reference(probs.astype(np.float64), targets.astype(np.float64))
     # tool index k counts levels in bins >= 254 - k: with the max-normalise that is level > 254 - k,
