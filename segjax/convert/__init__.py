@@ -124,7 +124,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], rename: Rename | None = 
         node = variables.setdefault(collection, {})
         for part in path:
             node = node.setdefault(part, {})
-        node[name] = np.ascontiguousarray(array, dtype=np.float32)
+        node[name] = np.array(array, dtype=np.float32, order="C", copy=True)  # never alias the caller's tensors
     return variables
 
 
