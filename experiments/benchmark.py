@@ -1,0 +1,383 @@
+"""Throughput of a segjax model, JAX beside PyTorch: train step and inference in images/s (issue 7).
+
+    python experiments/benchmark.py --model lraspp_mobilenet_v3_large --size 64 --batch 2 --torch --out /tmp/bench
+
+The train step is the whole thing: forward, loss (cross-entropy, 255 ignored, 0.5 x aux; BCE for
+one-class saliency models, over every side output), backward, SGD with momentum and weight decay
+(optax; PyTorch's coupled decay), BatchNorm statistics update, with the state donated under jit.
+It is local on purpose: it measures the model, not `segjax.train`'s bookkeeping.
+
+Timing: the first call is compiled ahead of time and reported as compile time; `--warmup` calls
+follow and are not timed; then `--repeats` timings of `--iters` calls each, ending in
+`jax.block_until_ready` (torch: `cuda.synchronize`); we report the median. FLOPs come from XLA's
+cost analysis of the compiled step (a multiply-add counts 2; padding taps are not counted), the
+achieved TFLOP/s from those over the median time, and MFU against `--peak-tflops` (by default the
+dense peak of a known device kind for the compute dtype; TF32 for float32, as XLA and cuDNN use on
+GPUs; none on CPU). PyTorch runs in the same process on the same kind of device: eager, and
+torch.compile with `--torch-compile`; bf16 there is autocast + channels_last.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import inspect
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from segjax import analysis, models
+
+# Dense peak TFLOP/s per device kind substring: (float32 as TF32, bfloat16).
+PEAK_TFLOPS = {"H200": (494.7, 989.4), "H100": (494.7, 989.4), "A100": (156.0, 312.0), "L4": (60.0, 121.0)}
+TORCHVISION_SEGMENTATION = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
+                            "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+def time_calls(call, sync, warmup: int, iters: int, repeats: int) -> dict:
+    """Median seconds per call over `repeats` runs of `iters` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        sync(call())
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            out = call()
+        sync(out)
+        runs.append((time.perf_counter() - start) / iters)
+    return {"step_s": statistics.median(runs), "step_s_runs": runs}
+
+
+def throughput(timing: dict, batch: int, flops_per_step: float | None, peak: float | None) -> dict:
+    result = dict(timing, images_per_s=batch / timing["step_s"])
+    if flops_per_step:
+        result["tflops"] = flops_per_step / timing["step_s"] / 1e12
+        result["mfu"] = result["tflops"] / peak if peak else None
+    return result
+
+
+# ------------------------------------------------------------------------------------------ JAX side
+
+def segmentation_loss(logits, labels, ignore_index: int = 255):
+    logits = logits.astype(jnp.float32)
+    valid = labels != ignore_index
+    if logits.shape[-1] == 1:  # saliency (U2-Net): per-pixel BCE on the foreground
+        per_pixel = optax.sigmoid_binary_cross_entropy(logits[..., 0], (labels == 1).astype(jnp.float32))
+    else:
+        per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    return jnp.sum(per_pixel * valid) / jnp.maximum(valid.sum(), 1)
+
+
+def total_loss(out: dict, labels):
+    loss = segmentation_loss(out["out"], labels)
+    if "aux" in out:
+        loss += 0.5 * segmentation_loss(out["aux"], labels)
+    for side in out.get("sides", ()):
+        loss += segmentation_loss(side, labels)
+    return loss
+
+
+def make_jax_steps(model, tx, num_classes: int):
+    def loss_fn(params, batch_stats, x, y, rng):
+        out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                   mutable=["batch_stats"], rngs={"dropout": rng})
+        return total_loss(out, y), updates.get("batch_stats", batch_stats)
+
+    def train_step(state, x, y):
+        params, batch_stats, opt_state, rng = state
+        rng, dropout_rng = jax.random.split(rng)
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, y, dropout_rng)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state, rng), loss
+
+    def infer_step(variables, x):
+        return model.apply(variables, x, train=False)["out"]
+
+    def eval_step(variables, x, y):
+        from segjax.metrics import confusion_matrix  # engineer F's module; imported when asked for
+        logits = model.apply(variables, x, train=False)["out"]
+        pred = (logits[..., 0] > 0).astype(jnp.int32) if num_classes == 1 else logits.argmax(-1)
+        return confusion_matrix(pred, y, max(num_classes, 2))
+
+    return jax.jit(train_step, donate_argnums=0), jax.jit(infer_step), jax.jit(eval_step)
+
+
+def compile_timed(jitted, *args):
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    return compiled, seconds, float(cost.get("flops", 0.0)) or None
+
+
+def bench_jax(args, model, x, y, peak) -> dict:
+    variables = jax.jit(lambda key, x: model.init(key, x, train=False))(jax.random.key(0), x)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    tx = optax.chain(optax.add_decayed_weights(args.weight_decay), optax.sgd(args.lr, momentum=0.9))
+    train_step, infer_step, eval_step = make_jax_steps(model, tx, args.num_classes)
+    sync = jax.block_until_ready
+    result = {"params": analysis.param_count(variables)}
+
+    fwd, fwd_compile, fwd_flops = compile_timed(infer_step, variables, x)
+    result["infer"] = dict(throughput(time_calls(lambda: fwd(variables, x), sync, args.warmup, args.iters, args.repeats),
+                                      args.batch, fwd_flops, peak), compile_s=fwd_compile, flops_per_step=fwd_flops)
+
+    if args.eval:
+        try:
+            ev, ev_compile, _ = compile_timed(eval_step, variables, x, y)
+        except ImportError as e:
+            result["eval"] = {"skipped": f"segjax.metrics unavailable ({e})"}
+        else:
+            result["eval"] = dict(throughput(time_calls(lambda: ev(variables, x, y), sync, args.warmup, args.iters,
+                                                        args.repeats), args.batch, None, None), compile_s=ev_compile)
+
+    # The train step donates its state (sharing arrays with `variables`): everything else runs first.
+    state = (params, batch_stats, tx.init(params), jax.random.key(1))
+    step, step_compile, step_flops = compile_timed(train_step, state, x, y)
+    holder = [state]
+
+    def one_train_step():
+        holder[0], loss = step(holder[0], x, y)  # state is donated: always pass the newest
+        return loss
+
+    timing = time_calls(one_train_step, sync, args.warmup, args.iters, args.repeats)
+    loss = float(one_train_step())
+    result["train"] = dict(throughput(timing, args.batch, step_flops, peak), compile_s=step_compile,
+                           flops_per_step=step_flops, final_loss=loss)
+    if not np.isfinite(loss):
+        print(f"warning: train loss is {loss}", file=sys.stderr)
+
+    return result
+
+
+# ------------------------------------------------------------------------------------------ PyTorch side
+
+def torch_reference(name: str, num_classes: int, model_kw: dict):
+    """The equivalent PyTorch module, or a string saying why there is none."""
+    import torchvision
+
+    if name in TORCHVISION_SEGMENTATION:
+        kw = {"aux_loss": True} if model_kw.get("aux") else {}
+        return getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None,
+                                                              num_classes=num_classes, **kw)
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    reference = Path(__file__).resolve().parent.parent / "tests" / "torch_reference.py"
+    if reference.exists():  # optional local ports of the original UNet / U-2-Net code, for parity tests
+        spec = importlib.util.spec_from_file_location("segjax_torch_reference", reference)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if hasattr(module, name):
+            return getattr(module, name)(num_classes=num_classes, **model_kw)
+    return f"no PyTorch reference for {name!r} (torchvision has none and tests/torch_reference.py lacks it)"
+
+
+def bench_torch(args, flops: dict, peak) -> dict:
+    import torch
+
+    device = torch.device("cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu")
+    net = torch_reference(args.model, args.num_classes, args.model_kw)
+    if isinstance(net, str):
+        return {"skipped": net}
+    bf16 = args.dtype == "bfloat16"
+    memory_format = torch.channels_last if bf16 and device.type == "cuda" else torch.contiguous_format
+    net = net.to(device, memory_format=memory_format)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((args.batch, 3, *args.size), dtype=np.float32)).to(device)
+    x = x.contiguous(memory_format=memory_format)
+    y = torch.from_numpy(labels_for(args, rng)).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    sync = (lambda _: torch.cuda.synchronize()) if device.type == "cuda" else (lambda _: None)
+
+    def logits_dict(out):
+        return out if isinstance(out, dict) else {"out": out}
+
+    def loss_of(out):
+        def one(logits):
+            logits = logits.float()
+            if logits.shape[1] == 1:
+                valid = (y != 255).float()
+                per = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], (y == 1).float(), reduction="none")
+                return (per * valid).sum() / valid.sum().clamp(min=1)
+            return torch.nn.functional.cross_entropy(logits, y, ignore_index=255)
+        out = logits_dict(out)
+        loss = one(out["out"]) + (0.5 * one(out["aux"]) if "aux" in out else 0)
+        return loss + sum(one(s) for s in out.get("sides", ()))
+
+    results = {"device": str(device)}
+    variants = [("eager", net)]
+    if args.torch_compile:
+        variants.append(("compile", torch.compile(net)))
+    for label, module in variants:
+        def train_call():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_of(module(x))
+            loss.backward()
+            opt.step()
+            return loss
+
+        def infer_call():
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                return logits_dict(module(x))["out"]
+
+        entry = {}
+        for mode, call in (("train", train_call), ("infer", infer_call)):
+            module.train(mode == "train")
+            start = time.perf_counter()
+            sync(call())  # first call: includes torch.compile's compilation
+            first = time.perf_counter() - start
+            timing = time_calls(call, sync, args.warmup, args.iters, args.repeats)
+            entry[mode] = dict(throughput(timing, args.batch, flops[mode], peak), first_call_s=first)
+        results[label] = entry
+    return results
+
+
+# ------------------------------------------------------------------------------------------ loader hook
+
+def bench_loader(args) -> dict:
+    path = Path(__file__).resolve().parent / "bench_loader.py"
+    if not path.exists():
+        return {"skipped": "experiments/bench_loader.py not found"}
+    spec = importlib.util.spec_from_file_location("bench_loader", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        fn = module.loader_throughput
+    except Exception as e:  # an optional neighbour: report, don't fail the benchmark
+        return {"skipped": f"bench_loader unusable: {type(e).__name__}: {e}"}
+    offered = {"batch_size": args.batch, "size": tuple(args.size), "image_size": tuple(args.size),
+               "num_classes": args.num_classes, "steps": args.iters * args.repeats}
+    accepted = inspect.signature(fn).parameters
+    kw = {k: v for k, v in offered.items() if k in accepted}
+    try:
+        out = fn(**kw)
+    except Exception as e:
+        return {"skipped": f"loader_throughput({', '.join(kw)}) failed: {type(e).__name__}: {e}"}
+    return out if isinstance(out, dict) else {"images_per_s": float(out)}
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def labels_for(args, rng) -> np.ndarray:
+    labels = rng.integers(0, max(args.num_classes, 2), (args.batch, *args.size)).astype(np.int64)
+    labels[:, : max(1, args.size[0] // 16)] = 255  # a void band, as VOC borders
+    return labels
+
+
+def markdown(result: dict) -> str:
+    head = (f"**{result['model']}** {result['size'][0]}x{result['size'][1]}, batch {result['batch']}, "
+            f"{result['dtype']}, {result['device']}, {result['params']:,} params, "
+            f"{result['forward_gflop_per_image']:.2f} GFLOP/img forward (XLA)\n\n")
+    rows = ["| impl | mode | images/s | ms/step | compile s | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
+
+    def row(impl, mode, r):
+        tf = f"{r['tflops']:.3g}" if r.get("tflops") is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        comp = r.get("compile_s", r.get("first_call_s"))
+        rows.append(f"| {impl} | {mode} | {r['images_per_s']:.2f} | {1e3 * r['step_s']:.1f} | "
+                    f"{comp:.1f} | {tf} | {mfu} |")
+
+    for mode in ("train", "infer", "eval"):
+        r = result["jax"].get(mode)
+        if r and "skipped" not in r:
+            row("jax", mode, r)
+    for label in ("eager", "compile"):
+        for mode, r in result.get("torch", {}).get(label, {}).items():
+            row(f"torch {label}", mode, r)
+    notes = [f"- JAX / torch {k.replace('_', ' ')}: {v:.2f}x" for k, v in result.get("ratio", {}).items()]
+    notes += [f"- {part}: skipped ({result[part]['skipped']})" for part in ("torch", "loader")
+              if isinstance(result.get(part), dict) and "skipped" in result[part]]
+    if "eval" in result["jax"] and "skipped" in result["jax"]["eval"]:
+        notes.append(f"- eval: skipped ({result['jax']['eval']['skipped']})")
+    return head + "\n".join(rows) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="lraspp_mobilenet_v3_large", help=f"one of: {', '.join(models.names(None))}")
+    p.add_argument("--model-kw", nargs="*", default=[], metavar="KEY=VALUE", help="builder kwargs, e.g. base_channels=16")
+    p.add_argument("--size", nargs="+", type=int, default=[512, 512], help="H [W]")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype; params stay fp32")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5, help="calls per timed repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by device kind)")
+    p.add_argument("--torch", action="store_true", help="also time the PyTorch reference, same process and device")
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
+    p.add_argument("--eval", action="store_true", help="also time the eval step with segjax.metrics.confusion_matrix")
+    p.add_argument("--loader", action="store_true", help="also time experiments/bench_loader.py's loader_throughput")
+    p.add_argument("--out", default=None, help="directory for the JSON and Markdown results")
+    args = p.parse_args(argv)
+    if len(args.size) not in (1, 2):
+        p.error("--size takes H or H W")
+    args.size = [args.size[0]] * 2 if len(args.size) == 1 else args.size
+    args.model_kw = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.model_kw)}
+    return args
+
+
+def default_peak(device_kind: str, dtype: str):
+    for key, (fp32, bf16) in PEAK_TFLOPS.items():
+        if key in device_kind:
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def main(argv=None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = jax.devices()[0]
+    peak = args.peak_tflops if args.peak_tflops is not None else default_peak(device.device_kind, args.dtype)
+    kw = dict(args.model_kw, **({"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}))
+    model = models.create(args.model, num_classes=args.num_classes, **kw)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((args.batch, *args.size, 3), dtype=np.float32))
+    y = jnp.asarray(labels_for(args, rng).astype(np.int32))
+
+    jax_result = bench_jax(args, model, x, y, peak)
+    result = {"model": args.model, "model_kw": {k: repr(v) for k, v in args.model_kw.items()},
+              "size": list(args.size), "batch": args.batch, "num_classes": args.num_classes, "dtype": args.dtype,
+              "device": device.device_kind, "platform": device.platform, "peak_tflops": peak,
+              "params": jax_result.pop("params"),
+              "forward_gflop_per_image": (jax_result["infer"]["flops_per_step"] or 0) / args.batch / 1e9,
+              "jax": jax_result}
+    if args.torch:
+        flops = {m: jax_result[m]["flops_per_step"] for m in ("train", "infer")}
+        try:
+            result["torch"] = bench_torch(args, flops, peak)
+        except ImportError as e:
+            result["torch"] = {"skipped": f"torch unavailable ({e})"}
+        eager = result["torch"].get("eager")
+        if eager:
+            result["ratio"] = {f"{m}_eager": jax_result[m]["images_per_s"] / eager[m]["images_per_s"]
+                               for m in ("train", "infer")}
+    if args.loader:
+        result["loader"] = bench_loader(args)
+
+    table = markdown(result)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{args.model}_{args.size[0]}x{args.size[1]}_b{args.batch}_{args.dtype}_{device.platform}"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{stem}.md").write_text(table)
+        print(f"wrote {out / stem}.json and .md")
+    return result
+
+
+if __name__ == "__main__":
+    main()
