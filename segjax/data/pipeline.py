@@ -1,8 +1,10 @@
 """grain input pipelines over a random-access source (see `open_source`).
 
-Train: `grain.DataLoader` with a shuffling `IndexSampler`, sharded per JAX process. grain gives every
-record its own RNG derived from (seed, record position), so the batches are the same for any number
-of worker processes, and the iterator's `get_state()` / `set_state()` resumes exactly where it was.
+Train: a grain `MapDataset` (this process's shard -> shuffle, reshuffled every epoch -> random_map ->
+batch) turned into an `IterDataset`, with `mp_prefetch` worker processes when asked. grain gives every
+record its own RNG derived from (seed, position), and batches are formed before the work is split,
+so the batches are the same for any number of workers; the iterator's `get_state()` / `set_state()`
+resumes exactly where it was.
 
 Eval (the choice, documented): every image keeps its own resolution (optionally after torchvision's
 resize of the shorter side to `base_size`) and is padded at the bottom/right to one fixed `eval_size`
@@ -16,12 +18,22 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import grain.python as grain
+import grain
 import numpy as np
 
 from segjax.data import transforms
 from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from segjax.errors import SegjaxError
+
+
+def _grain_flags_ready(worker_count: int) -> None:
+    """grain's worker processes read absl flags; outside an absl app nobody parsed them, so take the
+    defaults (what grain's own tests do) rather than fail."""
+    if worker_count:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
 
 
 def _process_shard(shard_index, shard_count) -> tuple[int, int]:
@@ -36,7 +48,7 @@ def _process_shard(shard_index, shard_count) -> tuple[int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainTransform(grain.RandomMapTransform):
+class TrainTransform(grain.transforms.RandomMap):
     crop_size: tuple[int, int]
     base_size: int
     scale_range: tuple[float, float]
@@ -53,30 +65,37 @@ class TrainTransform(grain.RandomMapTransform):
         return {"image": image, "mask": mask}
 
 
+def _iterable(ds: grain.MapDataset, worker_count: int, read_threads: int, buffer: int) -> grain.IterDataset:
+    """Batches are formed before the worker split, so each worker produces whole batches and the
+    stream is the same for any worker count (0 = in this process)."""
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer))
+    if worker_count:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
+
+
 def make_train_loader(source, *, batch_size: int, crop_size, base_size: int, scale_range=(0.5, 2.0),
                       hflip: bool = True, vflip: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                       seed: int = 0, worker_count: int = 0, shard_index: int | None = None,
                       shard_count: int | None = None, num_epochs: int | None = None,
-                      worker_buffer_size: int = 2, read_threads: int = 16) -> grain.DataLoader:
+                      read_threads: int = 8) -> grain.IterDataset:
     """Shuffled, augmented, batched training data: {"image": float32 (B, H, W, 3), "mask": int32 (B, H, W)}.
 
-    `batch_size` is per process; each process reads its own shard of the source. num_epochs=None
-    repeats forever (reshuffling every epoch). `iter(loader)` has get_state()/set_state().
+    `batch_size` is per process; each process reads its own equal shard of the source. Reshuffled
+    every epoch; num_epochs=None repeats forever. `iter(loader)` has get_state() / set_state().
     """
     shard_index, shard_count = _process_shard(shard_index, shard_count)
+    _grain_flags_ready(worker_count)
     per_shard = len(source) // shard_count
     if per_shard < batch_size:
         raise SegjaxError(f"{source}: {per_shard} examples per process is fewer than batch_size {batch_size}; "
                           "lower the batch size")
-    sampler = grain.IndexSampler(
-        num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs,
-        shard_options=grain.ShardOptions(shard_index, shard_count, drop_remainder=True))
     transform = TrainTransform(transforms.pair(crop_size), int(base_size), tuple(scale_range), bool(hflip),
                                bool(vflip), tuple(mean), tuple(std))
-    return grain.DataLoader(
-        data_source=source, sampler=sampler, worker_count=worker_count, worker_buffer_size=worker_buffer_size,
-        operations=[transform, grain.Batch(batch_size, drop_remainder=True)],
-        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, 16)))
+    ds = grain.MapDataset.source(source)[: per_shard * shard_count][shard_index::shard_count]
+    ds = ds.shuffle(seed=seed).repeat(num_epochs)  # repeat() draws a new permutation every epoch
+    ds = ds.random_map(transform, seed=seed).batch(batch_size, drop_remainder=True)
+    return _iterable(ds, worker_count, read_threads, max(2 * batch_size, 16))
 
 
 class _PaddedShard:
@@ -97,7 +116,7 @@ class _PaddedShard:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalTransform(grain.MapTransform):
+class EvalTransform(grain.transforms.Map):
     pad_hw: tuple[int, int]
     base_size: int | None
     mean: tuple[float, ...]
@@ -131,6 +150,7 @@ class EvalLoader:
     def __init__(self, source, *, batch_size, eval_size=None, base_size=None, pad_multiple=32,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, worker_count=0, shard_index=None, shard_count=None):
         shard_index, shard_count = _process_shard(shard_index, shard_count)
+        _grain_flags_ready(worker_count)
         if len(source) == 0:
             raise SegjaxError(f"{source}: empty split; nothing to evaluate")
         self.eval_size = transforms.pair(eval_size) if eval_size is not None else \
@@ -139,11 +159,8 @@ class EvalLoader:
         per_process = math.ceil(len(source) / shard_count)
         self.num_batches = math.ceil(per_process / batch_size)
         padded = _PaddedShard(source, indices, self.num_batches * batch_size, self.eval_size)
-        self._loader = grain.DataLoader(
-            data_source=padded, worker_count=worker_count,
-            sampler=grain.IndexSampler(num_records=len(padded), shuffle=False, num_epochs=1, seed=0),
-            operations=[EvalTransform(self.eval_size, base_size, tuple(mean), tuple(std)),
-                        grain.Batch(batch_size, drop_remainder=False)])
+        ds = grain.MapDataset.source(padded).map(EvalTransform(self.eval_size, base_size, tuple(mean), tuple(std)))
+        self._loader = _iterable(ds.batch(batch_size), worker_count, 8, max(2 * batch_size, 16))
 
     def __len__(self):
         return self.num_batches

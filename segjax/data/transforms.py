@@ -2,9 +2,10 @@
 
 Train (SegmentationPresetTrain): resize the shorter side to a random size in
 [scale_range[0], scale_range[1]] x base_size (bilinear image, nearest mask), flip, pad to the crop
-(image 0, mask 255, right and bottom), random crop, normalise. Only the pixels inside the crop are
+(image 0, mask 255, right and bottom), random crop, normalise. Only the image pixels inside the crop are
 resampled: PIL's `resize(box=...)` computes each output pixel from the same source coordinates as
-resizing the whole image and then cropping, so the result is identical and much cheaper at 2x.
+resizing the whole image and then cropping (within 2/255 from Pillow's fixed-point rounding), and is
+much cheaper when the scale is 2x. Masks are resized whole, so they are exactly torchvision's.
 
 Eval: optionally resize the shorter side to base_size, then pad to a fixed size (image 0, mask 255).
 """
@@ -37,7 +38,9 @@ def resize_window(image: np.ndarray, mask: np.ndarray, out_hw, top: int, left: i
     sy, sx = h / out_hw[0], w / out_hw[1]
     box = (left * sx, top * sy, (left + cols) * sx, (top + rows) * sy)
     img = np.asarray(Image.fromarray(image).resize((cols, rows), Image.BILINEAR, box=box))
-    msk = np.asarray(Image.fromarray(mask).resize((cols, rows), Image.NEAREST, box=box))
+    # The mask is resized whole: Pillow's NEAREST takes fixed-point steps, so a box would break ties
+    # differently; one uint8 channel costs little.
+    msk = np.asarray(Image.fromarray(mask).resize(out_hw[::-1], Image.NEAREST))[top:top + rows, left:left + cols]
     return img, msk
 
 
