@@ -13,6 +13,85 @@ import sys
 from segjax.errors import SegjaxError
 
 
+# ------------------------------------------------------------------------------------------ train
+
+def _quiet_orbax():
+    import logging
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a recipe (default: a small UNet on the synthetic data set)",
+                       epilog="Override any recipe key with --config.KEY=VALUE, e.g. --config.batch_size=8.")
+    p.add_argument("--config", default=None, help="a config file with get_config(), or a recipe name "
+                   "under experiments/configs/ (default: synthetic_unet)")
+    p.add_argument("--workdir", default=None, help="default: ./runs/<recipe name>; an existing workdir resumes")
+    p.set_defaults(run=_run_train, accepts_extra=True)
+
+
+def _run_train(args):
+    import os
+    from segjax import config as config_lib
+    from segjax.train import train_and_evaluate
+
+    config = config_lib.apply_overrides(config_lib.load_config(args.config), args.extra)
+    workdir = args.workdir or os.path.join("runs", config.name)
+    _quiet_orbax()
+    result = train_and_evaluate(config, workdir)
+    return 0 if not result.get("stopped") else 0
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="metrics table of a trained checkpoint on its validation split")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--workdir", help="a training workdir (its best checkpoint)")
+    where.add_argument("--checkpoint", help="a workdir, a checkpoint step directory or a converted checkpoint")
+    p.add_argument("--dataset", default=None, help="default: the data set the checkpoint was trained on")
+    p.add_argument("--split", default=None, help="default: the recipe's eval_split")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--multi-scale", action="store_true", help="average scales 0.5-1.75 (DeepLab v3)")
+    p.add_argument("--flip", action="store_true", help="also average horizontal flips")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args):
+    from segjax import evaluate, metrics
+
+    _quiet_orbax()
+    scores, names, meta = evaluate.evaluate(args.checkpoint or args.workdir, dataset=args.dataset, split=args.split,
+                                            data_dir=args.data_dir, multi_scale=args.multi_scale, flip=args.flip,
+                                            batch_size=args.batch_size)
+    if "confusion" in scores or "iou" in scores:
+        print(metrics.format_table(scores, names))
+    else:
+        print("  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+
+
+# ------------------------------------------------------------------------------------------ predict
+
+def _add_predict(sub):
+    p = sub.add_parser("predict", help="write a mask (and an overlay) for each image")
+    p.add_argument("--checkpoint", required=True, help="a workdir, a checkpoint step directory or a converted checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--multi-scale", action="store_true")
+    p.add_argument("--flip", action="store_true")
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(args):
+    from segjax import predict
+
+    _quiet_orbax()
+    written = predict.predict(args.checkpoint, args.images, args.out, multi_scale=args.multi_scale, flip=args.flip)
+    print(f"wrote {len(written)} files to {args.out}")
+
+
 # ------------------------------------------------------------------------------------------ inspect
 
 def _add_inspect(sub):
@@ -83,7 +162,7 @@ def _run_data_prepare(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segjax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (_add_inspect, _add_convert, _add_data):
+    for add in (_add_train, _add_eval, _add_predict, _add_inspect, _add_convert, _add_data):
         add(sub)
     return parser
 

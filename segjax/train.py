@@ -88,7 +88,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, axis_name: str | 
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
         loss = jax.lax.pmean(loss, axis_name)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -175,3 +175,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config` into `workdir` (resuming from its latest checkpoint); returns the final scores."""
     from segjax.trainer import run
     return run(config, workdir)
+
+
+def inference_state(model, variables: dict, task: str = "segmentation", num_classes: int = 21) -> TrainState:
+    """A TrainState that only evaluates (no optimizer): for `segjax eval` / `segjax predict`."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables.get("batch_stats", {}), opt_state=(), rng=jax.random.PRNGKey(0),
+                      apply_fn=model.apply, tx=optax.identity(), loss_fn=None, task=task, num_classes=num_classes)

@@ -166,8 +166,10 @@ def run(config, workdir: str) -> dict:
         num_epochs=math.ceil(total_steps / steps_per_epoch) + 1, **shard))
 
     def eval_loader():
-        return data.make_eval_loader(eval_source, batch_size=max(config.eval_batch_size // jax.process_count(), 1)
-                                     * 1, mean=tuple(config.mean), std=tuple(config.std), **shard)
+        per_process = max(config.eval_batch_size // jax.process_count(), jax.local_device_count())
+        per_process -= per_process % jax.local_device_count()
+        return data.make_eval_loader(eval_source, batch_size=per_process, base_size=config.base_size,
+                                     mean=tuple(config.mean), std=tuple(config.std), **shard)
 
     meta = model_meta(config)
     if primary:

@@ -1,0 +1,96 @@
+"""`segjax predict`: masks for image files.
+
+Segmentation: `<stem>.png` (class indices, VOC palette) and `<stem>_overlay.jpg` (colours over the image).
+Saliency (U2-Net): `<stem>_saliency.png` (grey, min-max normalised as U-2-Net's test script does)
+and `<stem>_cutout.png` (the image with the saliency map as alpha).
+Output paths that would overwrite an input, or collide with each other, are refused.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+
+from segjax.errors import SegjaxError
+
+
+def output_paths(images: list[str], out_dir: str, task: str) -> list[dict]:
+    suffixes = {"mask": "_saliency.png", "overlay": "_cutout.png"} if task == "saliency" \
+        else {"mask": ".png", "overlay": "_overlay.jpg"}
+    inputs = {os.path.realpath(p) for p in images}
+    plans, seen = [], {}
+    for image in images:
+        stem = os.path.splitext(os.path.basename(image))[0]
+        plan = {k: os.path.join(out_dir, stem + s) for k, s in suffixes.items()}
+        for path in plan.values():
+            real = os.path.realpath(path)
+            if real in inputs:
+                raise SegjaxError(f"{path} would overwrite the input image; pass another --out directory")
+            if real in seen:
+                raise SegjaxError(f"{image} and {seen[real]} would both write {path}; rename one or predict them apart")
+            seen[real] = image
+        plans.append(plan)
+    return plans
+
+
+def _read(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise SegjaxError(f"{path}: no such image")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except OSError as e:
+        raise SegjaxError(f"{path}: not an image PIL can read ({e})") from None
+
+
+def colour_mask(labels: np.ndarray) -> Image.Image:
+    from segjax.data.synthetic import voc_palette
+
+    img = Image.fromarray(labels.astype(np.uint8), "P")
+    img.putpalette(voc_palette())
+    return img
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    from segjax.data.synthetic import voc_palette
+
+    palette = np.asarray(voc_palette(), np.float32).reshape(256, 3)
+    colours = palette[labels.astype(np.uint8)]
+    blend = np.where((labels > 0)[..., None], (1 - alpha) * image + alpha * colours, image)
+    return Image.fromarray(np.clip(np.rint(blend), 0, 255).astype(np.uint8), "RGB")
+
+
+def predict(path: str, images: list[str], out_dir: str, *, multi_scale: bool = False, flip: bool = False) -> list[str]:
+    """Writes the outputs for each image; returns the written paths."""
+    from segjax import inference
+    from segjax.evaluate import DEEPLAB_SCALES, IMAGENET_MEAN, IMAGENET_STD, load_for_inference
+
+    if not images:
+        raise SegjaxError("no images given; pass one or more image files")
+    state, meta = load_for_inference(path)
+    plans = output_paths(images, out_dir, state.task)
+    mean = np.asarray(meta.get("mean", IMAGENET_MEAN), np.float32)
+    std = np.asarray(meta.get("std", IMAGENET_STD), np.float32)
+    scales = DEEPLAB_SCALES if multi_scale else (1.0,)
+    probs_fn = jax.jit(lambda variables, x: inference.predict_probs(state.apply_fn, variables, x, scales, flip,
+                                                                    state.task))
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for image_path, plan in zip(images, plans):
+        image = _read(image_path)
+        x = ((image.astype(np.float32) / 255.0 - mean) / std)[None]
+        probs = np.asarray(probs_fn(state.variables, x))[0]
+        if state.task == "saliency":
+            sal = probs[..., 0]
+            sal = (sal - sal.min()) / max(float(sal.max() - sal.min()), 1e-8)
+            grey = np.rint(sal * 255).astype(np.uint8)
+            Image.fromarray(grey, "L").save(plan["mask"])
+            Image.fromarray(np.dstack([image, grey]), "RGBA").save(plan["overlay"])
+        else:
+            labels = probs.argmax(-1)
+            colour_mask(labels).save(plan["mask"])
+            overlay(image, labels).save(plan["overlay"], quality=90)
+        written += [plan["mask"], plan["overlay"]]
+    return written
