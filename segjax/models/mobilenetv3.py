@@ -167,7 +167,7 @@ class MobileNetV3Features(nn.Module):
         conv_bn = functools.partial(ConvBN, act=jax.nn.hard_swish, bn_momentum=BN_MOMENTUM, bn_epsilon=BN_EPSILON,
                                     axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
         x = conv_bn(blocks[0].in_channels, 3, stride=2, name="0")(x, train)
-        low = x if low_index == 0 else None
+        low = None
         for i, cfg in enumerate(blocks, start=1):
             x = InvertedResidual(cfg, self.axis_name, self.dtype, self.param_dtype, name=str(i))(x, train)
             if i == low_index:
