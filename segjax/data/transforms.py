@@ -48,7 +48,8 @@ def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.nda
     """uint8 HWC -> float32 (x / 255 - mean) / std."""
     scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
     shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
-    return image.astype(np.float32) * scale - shift
+    out = np.multiply(image, scale, dtype=np.float32)  # uint8 -> float32 in the multiply: one pass fewer
+    return np.subtract(out, shift, out=out)
 
 
 def train_transform(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, crop_size, base_size: int,
