@@ -288,15 +288,17 @@ def test_axis_name_batch_statistics_across_replicas():
         return mapped.apply(v, xi, train=True, mutable=["batch_stats"])
 
     out, state = jax.jit(jax.vmap(replica, in_axes=(None, 0), axis_name="batch"))(variables, x[:, None])
+    # Same maths, different float32 reduction order (per replica, then pmean), amplified through a
+    # freshly initialised train-mode BN net: 1e-3 here; the control below differs by O(1).
     for key in ("out", "aux"):
-        assert rel_l2(out[key][:, 0], ref[key]) < TOL
+        assert rel_l2(out[key][:, 0], ref[key]) < 1e-3
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state["batch_stats"]),
                                  jax.tree_util.tree_leaves(ref_state["batch_stats"])):
         np.testing.assert_allclose(got[0], got[1], err_msg=str(path))  # replicas agree
-        assert rel_l2(got[0], want) < TOL, path
+        assert rel_l2(got[0], want) < 1e-3, path
     # Without the axis each replica would normalise its own single image: a real difference.
     single = jax.jit(lambda v, x: plain.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x[:1])[0]
-    assert rel_l2(single["out"], ref["out"][:1]) > 1e-2
+    assert rel_l2(single["out"], ref["out"][:1]) > 0.1
 
 
 @pytest.mark.slow
