@@ -158,6 +158,11 @@ class TrainCheckpoints:
         self.manager.save(step, args=args, metrics=metrics, force=True)
         self.manager.wait_until_finished()
 
+    def read_meta(self, step: int) -> dict:
+        import orbax.checkpoint as ocp
+
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore(self, step: int, state_target, iterator) -> tuple:
         """Restores `state_target`'s structure (abstract or concrete arrays with shardings) and the iterator."""
         import orbax.checkpoint as ocp

@@ -179,8 +179,8 @@ def run(config, workdir: str) -> dict:
     ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, config.best_metric)
     start = ckpts.latest_step() or 0
     if start:
-        tree, saved_meta = ckpts.restore(start, state.checkpoint_tree(), train_iter)
-        _check_resumable(saved_meta, config, workdir)
+        _check_resumable(ckpts.read_meta(start), config, workdir)
+        tree, _ = ckpts.restore(start, state.checkpoint_tree(), train_iter)
         state = state.replace_from_checkpoint(tree)
         print(f"resuming {workdir} from step {start}/{total_steps}")
     state = parallel.put_state(state)

@@ -9,31 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax import linen as nn
-
-from segjax import nn as snn
 from segjax import optim, schedules
 from segjax import train as T
-
-
-class TinySeg(nn.Module):
-    """conv-BN-relu x2 -> 1x1 classifier, and an aux head: a model that compiles in seconds.
-
-    (The zoo's models are tested elsewhere; these tests are about the step functions.)
-    """
-    num_classes: int = 3
-    features: int = 8
-    axis_name: str | None = None
-    dtype: object = None
-
-    @nn.compact
-    def __call__(self, x, train=False):
-        _, _, conv_bn = snn.dtype_partials(self.dtype, jnp.float32, self.axis_name)
-        x = conv_bn(self.features, 3, name="block1")(x, train)
-        x = conv_bn(self.features, 3, dilation=2, padding=2, name="block2")(x, train)
-        out = snn.conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype, name="classifier")(x)
-        aux = snn.conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype, name="aux_classifier")(x)
-        return {"out": out, "aux": aux}
+from tests.tiny_model import TinySeg
 
 
 def tiny_state(dtype=jnp.float32, lr=0.05, optimizer="adamw", axis_name=None, size=32, base=8):
