@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+from torchvision.models.segmentation.fcn import FCNHead
 
 from segjax import checkpoint, cli, convert, models
 from segjax.errors import SegjaxError
@@ -80,10 +83,19 @@ TORCHVISION = {
     "deeplabv3_resnet101": lambda: torchvision.models.segmentation.deeplabv3_resnet101(
         weights=None, weights_backbone=None, num_classes=TORCHVISION_CLASSES, aux_loss=True),
     "resnet50": lambda: torchvision.models.resnet50(weights=None),
+    "resnet18": lambda: torchvision.models.resnet18(weights=None),  # the BasicBlock path
+    # Output stride 16: only layer4 dilated (its first block keeps dilation 1), ASPP rates 6/12/18.
+    "deeplabv3_resnet50@os16": lambda: torchvision.models.segmentation.DeepLabV3(
+        IntermediateLayerGetter(torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, False, True]),
+                                {"layer4": "out", "layer3": "aux"}),
+        DeepLabHead(2048, TORCHVISION_CLASSES, atrous_rates=(6, 12, 18)), FCNHead(1024, TORCHVISION_CLASSES)),
 }
+# Our model name and extra kwargs per entry.
+OURS = {"deeplabv3_resnet50@os16": ("deeplabv3_resnet50", {"output_stride": 16})}
 # torchvision's published sizes (with aux where the model has one; resnet50 with its 1000-way fc).
 TORCHVISION_PARAMS = {"fcn_resnet50": 35_322_218, "fcn_resnet101": 54_314_346, "deeplabv3_resnet50": 42_004_074,
-                      "deeplabv3_resnet101": 60_996_202, "resnet50": 25_557_032}
+                      "deeplabv3_resnet101": 60_996_202, "resnet50": 25_557_032, "resnet18": 11_689_512,
+                      "deeplabv3_resnet50@os16": 42_004_074}
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,8 +109,9 @@ def parity_run(name: str, images_bytes: bytes):
     torch.manual_seed(0)
     ref_model = randomise_batchnorm_and_disable_dropout(TORCHVISION[name]())
     state_dict = state_dict_numpy(ref_model)
-    segmentation = name != "resnet50"
-    kw = {"dropout_rate": 0.0} if segmentation else {}
+    name, extra = OURS.get(name, (name, {}))
+    segmentation = not name.startswith("resnet")
+    kw = {"dropout_rate": 0.0, **extra} if segmentation else {}
     variables = convert.from_torch(name, state_dict, **kw)
     model = models.create(name, **convert.layout_for(name).infer_kwargs(state_dict), **kw)
     # The reference runs in float64, so the measured error is ours alone (not torch's fp32 rounding too).
@@ -142,7 +155,7 @@ def test_matches_torchvision(name, images):
     run = parity_run(name, images.tobytes())
     print(name, {k: f"{v:.2e}" for k, v in run["errors"].items()}, f"params={run['params']:,}")
     expected_keys = {"eval/out", "train/out", "train/batch_stats(max)"}
-    if name != "resnet50":
+    if not name.startswith("resnet"):
         expected_keys |= {"eval/aux", "train/aux"}
     assert set(run["errors"]) == expected_keys
     for key, err in run["errors"].items():
@@ -340,3 +353,9 @@ def test_cli_convert_writes_a_checkpoint_that_reads_back(images, tmp_path, capsy
     for path, value in want:
         np.testing.assert_array_equal(np.asarray(got[path]), value)
     assert os.path.isfile(out_dir / "segjax.json")
+
+
+@pytest.mark.parametrize("name,count", [("resnet18", 11_689_512), ("resnet34", 21_797_672),
+                                        ("resnet101", 44_549_160), ("resnet152", 60_192_808)])
+def test_classifier_parameter_counts_match_torchvision(name, count):
+    assert model_params(name, num_classes=1000) == count
