@@ -19,8 +19,9 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from segjax.errors import SegjaxError
 from segjax.models.registry import register
-from segjax.nn import ConvBN, dtype_partials, max_pool2d
+from segjax.nn import dtype_partials, max_pool2d
 
 Dtype = Any
 
@@ -138,7 +139,11 @@ STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4,
 
 def resnet_backbone(depth: int, replace_stride_with_dilation=(False, False, False), **kw) -> ResNet:
     """The feature extractor the segmentation heads sit on (no avgpool/fc)."""
+    if depth not in STAGE_SIZES:
+        raise SegjaxError(f"ResNet depth {depth}: choose one of {sorted(STAGE_SIZES)}")
     block = BasicBlock if depth < 50 else Bottleneck
+    if block is BasicBlock and any(replace_stride_with_dilation):
+        raise SegjaxError(f"resnet{depth} (BasicBlock) cannot be dilated, as in torchvision; use resnet50 or deeper")
     return ResNet(STAGE_SIZES[depth], block, tuple(replace_stride_with_dilation), **kw)
 
 
