@@ -1,0 +1,93 @@
+"""experiments/benchmark.py runs end to end on CPU at a tiny size and writes what it promises."""
+import importlib.util
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from segjax import models
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "experiments" / "benchmark.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("segjax_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def registered(*candidates):
+    for name in (*candidates, *models.names()):
+        if name in models.names():
+            return name
+    pytest.skip("no segmentation model registered")
+
+
+def check_timing(r, batch, repeats):
+    assert len(r["step_s_runs"]) == repeats and r["step_s"] == statistics.median(r["step_s_runs"])
+    assert math.isclose(r["images_per_s"], batch / r["step_s"])
+
+
+def test_benchmark_smoke(tmp_path, capsys):
+    bench = load_benchmark()
+    name = registered("unet")
+    model_kw = ["--model-kw", "base_channels=4"] if name == "unet" else []
+    result = bench.main(["--model", name, *model_kw, "--size", "32", "48", "--batch", "2", "--num-classes", "3",
+                         "--warmup", "0", "--iters", "1", "--repeats", "3", "--torch", "--eval", "--loader",
+                         "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+
+    stem = f"{name}_32x48_b2_float32_cpu"
+    written = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    assert written["model"] == name and written["size"] == [32, 48] and written["batch"] == 2
+    assert written["params"] > 0 and written["forward_gflop_per_image"] > 0
+
+    for mode in ("train", "infer", "eval"):
+        check_timing(written["jax"][mode], 2, 3)
+        assert written["jax"][mode]["compile_s"] > 0
+    train, infer = written["jax"]["train"], written["jax"]["infer"]
+    assert math.isfinite(train["final_loss"]) and train["final_loss"] > 0
+    # A train step does the forward's work and a backward on top, by either count.
+    for kind in ("xla", "model"):
+        assert train["flops_per_step"][kind] > 2 * infer["flops_per_step"][kind] > 0
+        assert math.isclose(train[f"tflops_{kind}"], train["flops_per_step"][kind] / train["step_s"] / 1e12)
+    assert train["mfu_xla"] is None  # no known peak for a CPU unless --peak-tflops is given
+
+    if name in bench.TORCHVISION_SEGMENTATION:
+        assert "eager" in written["torch"]
+    else:
+        assert "no PyTorch reference" in written["torch"]["skipped"]
+    loader = written["loader"]
+    assert "skipped" in loader or any(k.endswith("images_per_s") for k in loader), loader
+
+    table = (tmp_path / f"{stem}.md").read_text()
+    assert table in printed and "| jax | train |" in table and "| jax | eval |" in table
+
+
+@pytest.mark.slow
+def test_benchmark_against_torchvision(tmp_path):
+    pytest.importorskip("torchvision")
+    bench = load_benchmark()
+    name = registered("lraspp_mobilenet_v3_large", "fcn_resnet50")
+    if name not in bench.TORCHVISION_SEGMENTATION:
+        pytest.skip("no torchvision-backed model registered")
+    result = bench.main(["--model", name, "--size", "32", "--batch", "1", "--num-classes", "3", "--warmup", "0",
+                         "--iters", "1", "--repeats", "1", "--torch", "--peak-tflops", "1.5"])
+    jax_side, torch_side = result["jax"], result["torch"]
+    assert torch_side["device"] == "cpu"
+    for mode in ("train", "infer"):
+        check_timing(torch_side["eager"][mode], 1, 1)
+        assert math.isclose(result["ratio"][f"{mode}_eager"],
+                            jax_side[mode]["images_per_s"] / torch_side["eager"][mode]["images_per_s"])
+        assert math.isclose(jax_side[mode]["mfu_model"], jax_side[mode]["tflops_model"] / 1.5)
+
+
+def test_known_device_peaks():
+    bench = load_benchmark()
+    assert bench.default_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert bench.default_peak("NVIDIA H100 80GB HBM3", "float32") == 494.7
+    assert bench.default_peak("cpu", "float32") is None
