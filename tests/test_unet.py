@@ -183,3 +183,12 @@ def test_parity_with_torch_eval_and_train(table):
     ref_flat = dict(jax.tree_util.tree_leaves_with_path(ref_stats))
     assert ours_flat.keys() == ref_flat.keys()
     assert max(rel(ours_flat[k], ref_flat[k]) for k in ref_flat) < 1e-4
+
+
+def test_imports_a_single_channel_checkpoint():
+    """Grayscale UNets (DRIVE's green channel, CT slices) convert: input channels come from `inc`."""
+    table = dict(TABLES["bilinear_base16_classes3"])
+    table["inc.double_conv.0.weight"] = [16, 1, 3, 3]
+    sd = random_state_dict(table)
+    variables = convert.from_torch("unet", sd)
+    assert variables["params"]["inc"]["0"]["kernel"].shape == (3, 3, 1, 16)

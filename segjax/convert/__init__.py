@@ -40,6 +40,8 @@ class Layout:
     # Rewrites the classification state_dict's values before backbone import, where a rename is not
     # enough (VGG's fc6/fc7 Linear weights reshaped into the FCN's 7x7/1x1 convolutions).
     backbone_prepare: Callable[[Mapping[str, np.ndarray]], dict] | None = None
+    # The key of the first conv's weight, whose dim 1 is the number of input channels (default 3).
+    input_conv: str | None = None
 
 
 _LAYOUTS: dict[str, Layout] = {}
@@ -173,12 +175,12 @@ def check_fits(variables: Mapping, target: Mapping, what: str) -> None:
                           + ". Check the model name and num_classes/aux options match the checkpoint")
 
 
-def model_shapes(model, image_size: int = 64) -> dict:
+def model_shapes(model, image_size: int = 64, in_channels: int = 3) -> dict:
     """The variable shapes of `model` (no FLOPs spent: jax.eval_shape)."""
     import jax
     import jax.numpy as jnp
 
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, in_channels), jnp.float32)
     return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
 
 
@@ -199,7 +201,10 @@ def from_torch(name: str, state_dict: Mapping[str, np.ndarray], **model_kw) -> d
         raise SegjaxError(f"from_torch({name!r}): pass num_classes=...; it cannot be read off this state_dict")
     model = models.create(name, **kw)
     variables = torch_to_flax(state_dict, layout.rename)
-    target = model_shapes(model)
+    in_channels = 3
+    if layout.input_conv and layout.input_conv in state_dict:
+        in_channels = int(np.shape(state_dict[layout.input_conv])[1])
+    target = model_shapes(model, in_channels=in_channels)
     check_fits(variables, target, f"state_dict for {name} (num_classes={kw['num_classes']})")
     return {k: variables.get(k, {}) for k in target}
 

@@ -42,5 +42,5 @@ def _u2net_kwargs(state_dict: Mapping[str, np.ndarray]) -> dict:
             "conv_bias": "stage1.rebnconvin.conv_s1.bias" in state_dict}
 
 
-register_layout("unet", Layout(rename=_unet_rename, infer_kwargs=_unet_kwargs))
+register_layout("unet", Layout(rename=_unet_rename, infer_kwargs=_unet_kwargs, input_conv="inc.double_conv.0.weight"))
 register_layout(["u2net", "u2netp"], Layout(infer_kwargs=_u2net_kwargs))
