@@ -49,7 +49,7 @@ def evaluate(path: str, *, dataset: str | None = None, split: str | None = None,
     import jax
     parallel = T.DataParallel(T.make_mesh(), scales, flip or bool(config.get("eval_flip", False)))
     batch_size = max(batch_size - batch_size % jax.device_count(), jax.device_count())
-    loader = data.make_eval_loader(source, batch_size=batch_size, mean=tuple(meta.get("mean", IMAGENET_MEAN)),
+    loader = data.make_eval_loader(source, batch_size=batch_size, base_size=config.get("base_size"), mean=tuple(meta.get("mean", IMAGENET_MEAN)),
                                    std=tuple(meta.get("std", IMAGENET_STD)))
     scores = evaluate_dataset(parallel, parallel.put_state(state), loader, state.task)
     try:

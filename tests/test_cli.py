@@ -1,0 +1,91 @@
+"""`segjax train | eval | predict` end to end on tiny data (in-process with a tiny registered model), and
+one real subprocess for the one-line error on a bad override."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segjax import cli
+from tests import tiny_model
+
+TINY = ["--config.model=" + tiny_model.NAME, "--config.model_kwargs={\"features\": 4}",
+        "--config.data_options={\"image_size\": 24, \"num_train\": 16, \"num_val\": 8}",
+        "--config.base_size=24", "--config.crop_size=16", "--config.batch_size=4", "--config.eval_batch_size=8",
+        "--config.num_steps=4", "--config.eval_every_steps=2", "--config.log_every_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    workdir = root / "run"
+    rc = cli.main(["train", "--workdir", str(workdir), f"--config.data_dir={root / 'data'}", *TINY])
+    return rc, root, workdir
+
+
+def test_train_writes_metrics_events_plots_and_checkpoints(trained, capsys):
+    rc, root, workdir = trained
+    assert rc == 0
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in train)
+    assert {"lr", "images_per_s", "grad_norm"} <= set(train[0])
+    assert [r["step"] for r in evals] == [2, 4] and len(evals[-1]["iou"]) == 5
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+    for png in ("loss.png", "lr.png", "miou.png", "class_iou.png"):
+        with Image.open(workdir / png) as im:
+            assert im.size[0] > 100
+    assert json.load(open(workdir / "config.json"))["num_steps"] == 4
+    best = max(evals, key=lambda r: (r["miou"], r["step"]))["step"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == sorted({"4", str(best)})  # latest 1 + best
+
+
+def test_eval_prints_the_table_of_the_best_checkpoint(trained, capsys):
+    rc, root, workdir = trained
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    best = max((r for r in records if r["split"] == "eval"), key=lambda r: (r["miou"], r["step"]))
+    assert cli.main(["eval", "--workdir", str(workdir), "--data-dir", str(root / "data")]) == 0
+    out = capsys.readouterr().out
+    for name in ("background", "disc", "square", "triangle", "ring", "mIoU"):
+        assert name in out
+    assert f"mIoU {100 * best['miou']:.2f}" in out  # same numbers as validation during training
+    assert cli.main(["eval", "--checkpoint", str(workdir / "checkpoints" / "4"), "--data-dir", str(root / "data"),
+                     "--multi-scale", "--flip"]) == 0
+    assert "mIoU" in capsys.readouterr().out
+
+
+def test_predict_writes_palette_masks_and_overlays_and_refuses_to_overwrite(trained, tmp_path, capsys):
+    rc, root, workdir = trained
+    images = []
+    for i, size in enumerate([(20, 28), (17, 17)]):  # odd sizes too
+        path = tmp_path / f"img{i}.jpg"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+        images.append(str(path))
+    out = tmp_path / "pred"
+    assert cli.main(["predict", "--checkpoint", str(workdir), *images, "--out", str(out)]) == 0
+    for i, size in enumerate([(20, 28), (17, 17)]):
+        with Image.open(out / f"img{i}.png") as mask:
+            assert mask.mode == "P" and mask.size == (size[1], size[0])
+            assert max(np.asarray(mask).ravel()) < 5
+        with Image.open(out / f"img{i}_overlay.jpg") as ov:
+            assert ov.size == (size[1], size[0])
+    png = tmp_path / "same.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
+    assert cli.main(["predict", "--checkpoint", str(workdir), str(png), "--out", str(tmp_path)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+
+
+def test_bad_override_is_a_one_line_error_with_status_2(tmp_path):
+    env = dict(os.environ, SEGJAX_DATA_DIR=str(tmp_path / "data"))
+    for arg, expected in (("--config.batch_sise=8", "unknown key 'batch_sise'"),
+                          ("--config.batch_size=eight", "expected an integer")):
+        proc = subprocess.run([sys.executable, "-m", "segjax.cli", "train", "--workdir", str(tmp_path / "w"), arg],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert not (tmp_path / "w").exists()  # nothing was started
