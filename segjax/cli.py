@@ -39,8 +39,7 @@ def _run_train(args):
     config = config_lib.apply_overrides(config_lib.load_config(args.config), args.extra)
     workdir = args.workdir or os.path.join("runs", config.name)
     _quiet_orbax()
-    result = train_and_evaluate(config, workdir)
-    return 0 if not result.get("stopped") else 0
+    train_and_evaluate(config, workdir)
 
 
 # ------------------------------------------------------------------------------------------ eval

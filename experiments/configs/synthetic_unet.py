@@ -1,7 +1,8 @@
 """The default recipe (`segjax train` with no arguments): a small UNet on the built-in synthetic data set.
 
-Sized to finish in a few minutes on a 2-core CPU: 64x64 images, UNet with 16 base channels,
-SGD with the seeds' momentum/decay and warmup + poly schedule at a higher learning rate.
+Sized to reach mIoU >= 0.8 in well under 10 minutes on a busy 2-core CPU: 32x32 images (2,000 for
+training), UNet with 16 base channels, AdamW with the seeds' 1e-3 linear warmup then poly 0.9.
+(From scratch and on this budget, the seeds' SGD 0.9 stalled on predicting background; AdamW didn't.)
 """
 from segjax.config import base_config
 
@@ -14,16 +15,21 @@ def get_config():
     c.model_kwargs.bilinear = True
     c.num_classes = 5
     c.dataset = "synthetic"
-    c.base_size = 64
-    c.crop_size = 64
-    c.scale_range = (0.75, 1.25)
-    c.batch_size = 16
-    c.eval_batch_size = 32
-    c.num_epochs = 20
-    c.learning_rate = 0.1
-    c.warmup_epochs = 1.0
+    c.data_options.image_size = 32
+    c.data_options.num_train = 2000
+    c.data_options.num_val = 100
+    c.base_size = 32
+    c.crop_size = 32
+    c.scale_range = (0.9, 1.1)
+    c.batch_size = 32
+    c.eval_batch_size = 50
+    c.num_steps = 1800
+    c.optimizer = "adamw"
+    c.learning_rate = 0.01
+    c.weight_decay = 1e-4
+    c.warmup_epochs = 0.5
     c.lr_mult = {}
-    c.log_every_steps = 5
-    c.eval_every_steps = 0
+    c.log_every_steps = 50
+    c.eval_every_steps = 600
     c.keep_checkpoints = 1
     return c
