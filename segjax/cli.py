@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from segjax.errors import SegjaxError
+from segjax.errors import SegjaxError, writes_to
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -28,18 +28,30 @@ def _add_train(sub):
     p.add_argument("--config", default=None, help="a config file with get_config(), or a recipe name "
                    "under experiments/configs/ (default: synthetic_unet)")
     p.add_argument("--workdir", default=None, help="default: ./runs/<recipe name>; an existing workdir resumes")
+    multi = p.add_argument_group("multi-process (every process runs the same command; see docs/multihost.md)")
+    multi.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                       help="process 0's address and a free port (default: $SEGJAX_COORDINATOR_ADDRESS, "
+                       "or detected on SLURM / Open MPI / TPU pods)")
+    multi.add_argument("--num-processes", type=int, default=None, metavar="N",
+                       help="default: $SEGJAX_NUM_PROCESSES or detected; unset = one process")
+    multi.add_argument("--process-id", type=int, default=None, metavar="I",
+                       help="this process, 0..N-1 (default: $SEGJAX_PROCESS_ID or detected)")
     p.set_defaults(run=_run_train, accepts_extra=True)
 
 
 def _run_train(args):
     import os
+    from segjax import distributed
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)  # before any JAX use
     from segjax import config as config_lib
     from segjax.train import train_and_evaluate
 
     config = config_lib.apply_overrides(config_lib.load_config(args.config), args.extra)
     workdir = args.workdir or os.path.join("runs", config.name)
     _quiet_orbax()
-    train_and_evaluate(config, workdir)
+    with writes_to(workdir, "--workdir"):
+        train_and_evaluate(config, workdir)
 
 
 # ------------------------------------------------------------------------------------------ eval

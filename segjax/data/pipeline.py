@@ -1,10 +1,10 @@
 """grain input pipelines over a random-access source (see `open_source`).
 
-Train: a grain `MapDataset` (this process's shard -> shuffle, reshuffled every epoch -> random_map ->
-batch) turned into an `IterDataset`, with `mp_prefetch` worker processes when asked. grain gives every
-record its own RNG derived from (seed, position), and batches are formed before the work is split,
-so the batches are the same for any number of workers; the iterator's `get_state()` / `set_state()`
-resumes exactly where it was.
+Train: a grain `MapDataset` (shuffle, reshuffled every epoch -> random_map -> batch -> this process's
+slice of every global batch) turned into an `IterDataset`, with `mp_prefetch` worker processes when
+asked. grain gives every record its own RNG derived from (seed, global position), and batches are
+formed before the work is split, so the global batches are the same for any number of workers and
+processes; the iterator's `get_state()` / `set_state()` resumes exactly where it was.
 
 Eval (the choice, documented): every image keeps its own resolution (optionally after torchvision's
 resize of the shorter side to `base_size`) and is padded at the bottom/right to one fixed `eval_size`
@@ -81,20 +81,23 @@ def make_train_loader(source, *, batch_size: int, crop_size, base_size: int, sca
                       read_threads: int = 8) -> grain.IterDataset:
     """Shuffled, augmented, batched training data: {"image": float32 (B, H, W, 3), "mask": int32 (B, H, W)}.
 
-    `batch_size` is per process; each process reads its own equal shard of the source. Reshuffled
-    every epoch; num_epochs=None repeats forever. `iter(loader)` has get_state() / set_state().
+    `batch_size` is per process. All processes walk one global stream (shuffled by `seed`,
+    reshuffled every epoch, each record augmented by its global position); global batch t is
+    `batch_size * shard_count` consecutive records and process p gets its rows
+    [p * batch_size, (p + 1) * batch_size). So the global batches are the same for any number of
+    processes. num_epochs=None repeats forever. `iter(loader)` has get_state() / set_state().
     """
     shard_index, shard_count = _process_shard(shard_index, shard_count)
     _grain_flags_ready(worker_count)
-    per_shard = len(source) // shard_count
-    if per_shard < batch_size:
-        raise SegjaxError(f"{source}: {per_shard} examples per process is fewer than batch_size {batch_size}; "
-                          "lower the batch size")
+    if len(source) < batch_size * shard_count:
+        raise SegjaxError(f"{source}: {len(source)} examples are fewer than the global batch, {batch_size} per "
+                          f"process x {shard_count} processes; lower the batch size")
     transform = TrainTransform(transforms.pair(crop_size), int(base_size), tuple(scale_range), bool(hflip),
                                bool(vflip), tuple(mean), tuple(std))
-    ds = grain.MapDataset.source(source)[: per_shard * shard_count][shard_index::shard_count]
-    ds = ds.shuffle(seed=seed).repeat(num_epochs)  # repeat() draws a new permutation every epoch
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)  # a new permutation every epoch
     ds = ds.random_map(transform, seed=seed).batch(batch_size, drop_remainder=True)
+    # Lazy: a process only reads and augments the records of its own slices.
+    ds = ds[: len(ds) // shard_count * shard_count][shard_index::shard_count]
     return _iterable(ds, worker_count, read_threads, max(2 * batch_size, 16))
 
 
