@@ -91,3 +91,20 @@ def test_known_device_peaks():
     assert bench.default_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
     assert bench.default_peak("NVIDIA H100 80GB HBM3", "float32") == 494.7
     assert bench.default_peak("cpu", "float32") is None
+
+
+def test_normalize_table_matches_arithmetic():
+    """The table lookup (the loader's speed-up) is bit-identical to (x / 255 - mean) / std in float32,
+    on a flipped view, with a row count that does not divide the height, for other mean/std."""
+    import numpy as np
+
+    from segjax.data import transforms
+
+    image = np.random.default_rng(0).integers(0, 256, (37, 21, 3), dtype=np.uint8)
+    image[0, 0], image[0, 1] = 0, 255
+    for mean, std in ((transforms.IMAGENET_MEAN, transforms.IMAGENET_STD), ((0.5, 0.25, 0.0), (0.5, 2.0, 1.0))):
+        for view in (image, image[:, ::-1], image[::-1]):
+            expected = (view.astype(np.float32) * (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
+                        - (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32))
+            got = transforms.normalize(view, mean, std, rows=5)
+            assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, expected)

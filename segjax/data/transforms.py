@@ -11,6 +11,8 @@ Eval: optionally resize the shorter side to base_size, then pad to a fixed size 
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from PIL import Image
 
@@ -44,12 +46,36 @@ def resize_window(image: np.ndarray, mask: np.ndarray, out_hw, top: int, left: i
     return img, msk
 
 
-def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    """uint8 HWC -> float32 (x / 255 - mean) / std."""
+@functools.lru_cache(maxsize=8)
+def _normalize_table(mean: tuple, std: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(3 * 256,) float32 table, channel-major: entry c * 256 + v is (v / 255 - mean[c]) / std[c] with the
+    float32 rounding of the arithmetic path; and the per-channel offsets (0, 256, 512)."""
     scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
     shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
-    out = np.multiply(image, scale, dtype=np.float32)  # uint8 -> float32 in the multiply: one pass fewer
-    return np.subtract(out, shift, out=out)
+    table = np.arange(256, dtype=np.float32)[None, :] * scale[:, None] - shift[:, None]
+    return table.astype(np.float32).reshape(-1), np.arange(len(mean)) * 256
+
+
+def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, rows: int = 16) -> np.ndarray:
+    """uint8 HWC -> float32 (x / 255 - mean) / std.
+
+    uint8 images are looked up in a 256-entry table per channel, `rows` image rows at a time: the
+    gather's intp indices then stay in cache instead of a fresh 8-bytes-per-value array (whose page
+    faults made a whole-image `np.take` slower than the arithmetic). Bit-identical to the arithmetic
+    path and ~0.7 ms cheaper per 480x480 image (see docs/benchmarks.md)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != len(mean):
+        scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
+        shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
+        out = np.multiply(image, scale, dtype=np.float32)
+        return np.subtract(out, shift, out=out)
+    table, offsets = _normalize_table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    out = np.empty(image.shape, np.float32)
+    index = np.empty((min(rows, len(image)),) + image.shape[1:], np.intp)
+    for top in range(0, len(image), rows):
+        n = min(rows, len(image) - top)
+        np.add(image[top:top + n], offsets, out=index[:n])
+        np.take(table, index[:n], out=out[top:top + n], mode="clip")  # "clip": no buffered copy of out
+    return out
 
 
 def train_transform(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, crop_size, base_size: int,
