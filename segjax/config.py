@@ -6,9 +6,11 @@ doesn't parse as the key's type, is a one-line `SegjaxError`.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
 import os
+import re
 
 import ml_collections
 
@@ -40,13 +42,50 @@ def load_config(name_or_path: str | None = None) -> ml_collections.ConfigDict:
         raise SegjaxError(f"{path}: failed to load ({type(e).__name__}: {e})") from e
     if not hasattr(module, "get_config"):
         raise SegjaxError(f"{path}: a config file must define get_config()")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except TypeError as e:  # ConfigDict refuses a value of another type than the field's default
+        raise SegjaxError(f"{path}: {_type_error(e)}; give each key a value of its default's type "
+                          "(see base_config() in segjax/config.py)") from None
+    except Exception as e:
+        raise SegjaxError(f"{path}: get_config() failed ({type(e).__name__}: {e})") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise SegjaxError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+    config = _complete(config, path)
     if not config.get("name"):
         with config.unlocked():
             config.name = os.path.splitext(os.path.basename(path))[0]
     return config
+
+
+def _type_error(e: TypeError) -> str:
+    m = re.search(r"field '([^']+)'.*?\. (.*) is of original type <class '(\w+)'> and cannot be casted to "
+                  r"type <class '(\w+)'>", str(e))
+    return f"{m[1]}={m[2]} is a {m[3]}, expected a {m[4]}" if m else str(e).splitlines()[0]
+
+
+_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (tuple, list),
+          ml_collections.ConfigDict: (ml_collections.ConfigDict, dict)}
+
+
+def _complete(config: ml_collections.ConfigDict, where: str) -> ml_collections.ConfigDict:
+    """Checks a recipe's keys and value types against base_config(); keys it doesn't set get the defaults."""
+    out = base_config()
+    for key, value in config.items():
+        if key not in out:
+            near = difflib.get_close_matches(key, list(out.keys()), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise SegjaxError(f"{where}: unknown key '{key}'{hint}; the keys a recipe may set are those of "
+                              "base_config() in segjax/config.py")
+        default = out[key]
+        allowed = _TYPES[type(default)]
+        if not isinstance(value, allowed) or (isinstance(value, bool) and not isinstance(default, bool)):
+            raise SegjaxError(f"{where}: {key}={value!r} is a {type(value).__name__}, expected a "
+                              f"{type(default).__name__} like {default!r}")
+        with out.unlocked():
+            out[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else \
+                tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def _parse(raw: str, current, key: str):
@@ -131,6 +170,52 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
         with parent.unlocked():
             parent[name] = value
     return config
+
+
+def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
+    """Checks a whole recipe before any data or compile work; the first problem is a one-line SegjaxError.
+
+    Crop rule (torchvision / mmseg reference pipeline: resize the shorter side to base_size x a scale
+    drawn from scale_range, pad to the crop with image 0 / mask 255, random crop): crop_size must not
+    exceed base_size * scale_range[1], the largest shorter side; a larger crop would hold padding in
+    every training sample. Evaluation pads each batch to the split's largest image, rounded up to a
+    multiple of 32, so it has no size limit.
+    """
+    def bad(key, why):
+        return SegjaxError(f"config.{key}={config[key]!r}: {why}")
+
+    for key in ("batch_size", "eval_batch_size", "base_size", "crop_size", "log_every_steps", "keep_checkpoints"):
+        if config[key] <= 0:
+            raise bad(key, f"must be positive; pass --config.{key}=N with N >= 1")
+    for key in ("num_steps", "num_epochs", "eval_every_steps", "stop_at_step", "warmup_epochs", "learning_rate"):
+        if config[key] < 0:
+            raise bad(key, f"must be >= 0; pass --config.{key} a non-negative value")
+    if not config.num_steps and not config.num_epochs:
+        raise bad("num_epochs", "training needs num_epochs > 0 or num_steps > 0")
+    if config.batch_size % device_count:
+        lo = config.batch_size - config.batch_size % device_count
+        fix = f"{lo} or {lo + device_count}" if lo else str(device_count)
+        raise bad("batch_size", f"the global batch must be a multiple of the {device_count} devices; "
+                                f"use --config.batch_size={fix}")
+    scales = tuple(config.scale_range)
+    if len(scales) != 2 or not 0 < scales[0] <= scales[1]:
+        raise bad("scale_range", "must be (low, high) with 0 < low <= high, e.g. (0.5, 2.0)")
+    largest = config.base_size * scales[1]
+    if config.crop_size > largest:
+        raise bad("crop_size", f"larger than the largest resized shorter side, base_size x scale_range[1] = "
+                               f"{config.base_size} x {scales[1]:g} = {largest:g}, so every training crop would be "
+                               f"padding; use --config.crop_size <= {int(largest)} or raise base_size")
+    choices = {"task": ("segmentation", "saliency"), "dtype": ("float32", "bfloat16", "float16"),
+               "schedule": ("poly", "cosine"), "optimizer": ("sgd", "adamw"), "nonfinite": ("stop", "skip"),
+               "loss": ("ce", "ce+dice", "u2net_bce")}
+    for key, allowed in choices.items():
+        if config[key] not in allowed:
+            raise bad(key, f"choose one of {', '.join(allowed)}")
+    if config.num_classes < 1 or (config.task == "saliency" and config.num_classes != 1):
+        raise bad("num_classes", "must be >= 1 (1 for the saliency task)")
+    from segjax import models
+    if config.model not in models.names():
+        raise bad("model", f"unknown model; choose one of {', '.join(models.names())}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

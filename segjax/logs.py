@@ -3,6 +3,7 @@ files (tensorboardX, no TensorFlow), and PNG plots drawn from metrics.jsonl at t
 """
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -36,6 +37,9 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            # Runs before tensorboardX's own exit hook (LIFO): a run that failed (e.g. disk full) exits
+            # with its one-line error instead of a flush traceback at interpreter exit.
+            atexit.register(self._close_at_exit)
 
     def write(self, step: int, split: str, values: dict) -> None:
         if not self.enabled:
@@ -48,9 +52,33 @@ class MetricWriter:
                 self._tb.add_scalar(f"{split}/{k}", v, int(step))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
+        tb, self._tb = self._tb, None
+        if tb is not None:
+            try:
+                tb.flush()
+                tb.close()
+            except OSError:
+                _abandon(tb)
+                raise
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass  # the disk refused the last events; the run has already reported why
+
+
+def _abandon(tb) -> None:
+    """Closes a tensorboardX writer whose final flush failed, dropping its unwritten events."""
+    events = getattr(getattr(tb, "file_writer", None), "event_writer", None)
+    if events is None or getattr(events, "_closed", True):
+        return
+    events._closed = True  # tensorboardX's exit hook would retry the flush and print a traceback
+    for stop in (events._worker.stop, events._ev_writer.close):
+        try:
+            stop()
+        except OSError:
+            pass
 
 
 def read_metrics(workdir: str) -> list[dict]:

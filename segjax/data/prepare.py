@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from segjax.data import folder, synthetic, voc
-from segjax.errors import SegjaxError
+from segjax.errors import SegjaxError, writes_to
 
 NAMES = ("voc2012", "voc2012_aug", "drive", "duts", "folder", "synthetic")
 
@@ -79,6 +79,11 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
     num_val, max_objects, seed) and regenerates when they change.
     """
     data_dir = os.path.abspath(data_dir or default_data_dir())
+    with writes_to(data_dir, "--data-dir (or $SEGJAX_DATA_DIR)"):
+        return _prepare(name, data_dir, manual_dir, manifest, progress, **synthetic_opts)
+
+
+def _prepare(name, data_dir, manual_dir, manifest, progress, **synthetic_opts) -> dict[str, int]:
     if name == "synthetic":
         return _prepare_synthetic(data_dir, progress, **synthetic_opts)
     if synthetic_opts:
