@@ -131,6 +131,7 @@ def run(config, workdir: str) -> dict:
     from segjax import data
     from tqdm import tqdm
 
+    config_lib.check(config, jax.device_count())  # before any data, compile or workdir work
     workdir = os.path.abspath(workdir)
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -139,8 +140,7 @@ def run(config, workdir: str) -> dict:
                  **config.data_options.to_dict())
     train_source = data.open_source(config.dataset, config.train_split, root)
     eval_source = data.open_source(config.dataset, config.eval_split, root)
-    if config.batch_size % jax.device_count():
-        raise SegjaxError(f"config.batch_size={config.batch_size} must be a multiple of the {jax.device_count()} devices")
+    _check_num_classes(data, config, root)
     steps_per_epoch = max(1, len(train_source) // config.batch_size)
     total_steps = config.num_steps or config.num_epochs * steps_per_epoch
     warmup_steps = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
@@ -180,6 +180,11 @@ def run(config, workdir: str) -> dict:
     start = ckpts.latest_step() or 0
     if start:
         _check_resumable(ckpts.read_meta(start), config, workdir)
+        if start >= total_steps:  # nothing to train; saving this step again would clash with it
+            ckpts.close()
+            print(f"{workdir} already holds the finished run ({start}/{total_steps} steps); raise "
+                  f"--config.num_steps to train on, or pick another --workdir")
+            return {"step": start, "finished": True}
         tree, _ = ckpts.restore(start, state.checkpoint_tree(), train_iter)
         state = state.replace_from_checkpoint(tree)
         print(f"resuming {workdir} from step {start}/{total_steps}")
@@ -218,7 +223,7 @@ def run(config, workdir: str) -> dict:
         skipped += _flush(pending, config.nonfinite, writer, schedule, n_log, t_log, bar)
     finally:
         bar.close()
-    if last_eval != step:
+    if last_eval != step and step > start:
         ckpts.save(step, state.checkpoint_tree(), train_iter, meta, do_eval(step) if step == total_steps else None)
     ckpts.close()
     writer.close()
@@ -234,6 +239,17 @@ def run(config, workdir: str) -> dict:
         print(f"{config.name}: step {step}, {config.best_metric} {scores[config.best_metric]:.4f}"
               + (f", skipped {skipped} non-finite steps" if skipped else "") + f"; workdir {workdir}")
     return {"step": step, **scores}
+
+
+def _check_num_classes(data, config, root) -> None:
+    """Labels >= num_classes would make the loss NaN at step 1; say so before compiling anything."""
+    try:
+        names = list(data.class_names(config.dataset, root)) if config.task == "segmentation" else []
+    except Exception:  # a data set without names: nothing to compare
+        names = []
+    if len(names) > config.num_classes:
+        raise SegjaxError(f"config.num_classes={config.num_classes} but data set '{config.dataset}' has {len(names)} "
+                          f"classes ({', '.join(names[:5])}, ...); use --config.num_classes={len(names)}")
 
 
 def _class_names(data, config):
