@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -79,6 +80,20 @@ def resolve(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------ training checkpoints
+
+_SAVE_OVERHEAD = 256 * 1024  # Orbax's metadata files, one disk block each at least
+
+
+def _check_space(directory: str, step: int, tree) -> None:
+    """Refuses a save the disk can't hold before Orbax writes anything: running out of space midway
+    fails inside Orbax's writer threads, noisily. Older checkpoints are untouched either way."""
+    need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(tree)) + _SAVE_OVERHEAD
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        workdir = os.path.dirname(directory)
+        raise SegjaxError(f"{workdir}: no space for the checkpoint of step {step} (needs about {need / 2**20:.2f} MiB, "
+                          f"{free / 2**20:.2f} MiB free); free some space or pick another --workdir")
+
 
 CHECKPOINTS = "checkpoints"
 
@@ -150,6 +165,7 @@ class TrainCheckpoints:
         import orbax.checkpoint as ocp
         import grain.checkpoint as gcp
 
+        _check_space(self.directory, step, state_tree)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state_tree),
             data=gcp.CheckpointSave(IteratorState(iterator)),
