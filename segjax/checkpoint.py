@@ -49,13 +49,22 @@ def load_variables(path: str):
         with open(meta_path) as f:
             meta = json.load(f)
         with ocp.StandardCheckpointer() as ckptr:
-            variables = ckptr.restore(os.path.join(path, "variables"))
+            variables = ckptr.restore(os.path.join(path, "variables"), _local_target(ckptr, os.path.join(path, "variables")))
         return variables, meta
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
         meta = ckptr.restore(os.path.join(path, "meta"))
     with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(os.path.join(path, "state"))
+        state = ckptr.restore(os.path.join(path, "state"), _local_target(ckptr, os.path.join(path, "state")))
     return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, meta
+
+
+def _local_target(ckptr, directory: str):
+    """The saved tree's shapes and dtypes on this process's first device: a checkpoint written by a
+    multi-process run (arrays over several hosts' devices) then loads in one process too."""
+    tree = ckptr.metadata(directory).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                  getattr(tree, "tree", tree))
 
 
 def _is_step_dir(path: str) -> bool:

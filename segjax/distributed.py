@@ -116,3 +116,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise SegjaxError(f"jax.distributed.initialize({shown}) failed: {first}; every process must run the "
                           "same command with its own --process-id, and process 0's port must be reachable") from e
     return True
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on any of them (one tiny collective when
+    multi-process): processes that must leave a loop together, e.g. on a signal only some got."""
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from segjax import checkpoint, logs
+from segjax import checkpoint, distributed, logs
 from segjax import config as config_lib
 from segjax import train as T
 from segjax.errors import SegjaxError
@@ -136,8 +136,7 @@ def run(config, workdir: str) -> dict:
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     root = data_dir(config)
-    data.prepare(config.dataset, root, config.manual_dir or None, progress=primary,
-                 **config.data_options.to_dict())
+    _prepare_data(data, config, root, primary)
     train_source = data.open_source(config.dataset, config.train_split, root)
     eval_source = data.open_source(config.dataset, config.eval_split, root)
     _check_num_classes(data, config, root)
@@ -176,6 +175,7 @@ def run(config, workdir: str) -> dict:
         with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
             f.write(config_lib.to_json(config))
         os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+    state = parallel.put_state(state)  # restore into the global layout: no cross-host copies afterwards
     ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, config.best_metric)
     start = ckpts.latest_step() or 0
     if start:
@@ -207,7 +207,7 @@ def run(config, workdir: str) -> dict:
     step = start
     try:
         with stop.installed():
-            while step < stop_at and stop.signal is None:
+            while step < stop_at and not distributed.any_process(stop.signal is not None):  # all stop at one step
                 batch = next(train_iter)
                 state, m = parallel.train_step(state, parallel.put_batch(batch),
                                                jax.random.fold_in(state.rng, step))
@@ -250,6 +250,24 @@ def _check_num_classes(data, config, root) -> None:
     if len(names) > config.num_classes:
         raise SegjaxError(f"config.num_classes={config.num_classes} but data set '{config.dataset}' has {len(names)} "
                           f"classes ({', '.join(names[:5])}, ...); use --config.num_classes={len(names)}")
+
+
+def _prepare_data(data, config, root: str, primary: bool) -> None:
+    """Process 0 builds the data set first; the others then find it built (on a shared file system)
+    or build their own copy (on local disks), never two writers on one directory at once."""
+    def prepare():
+        data.prepare(config.dataset, root, config.manual_dir or None, progress=primary, **config.data_options.to_dict())
+
+    if jax.process_count() == 1:
+        prepare()
+        return
+    from jax.experimental import multihost_utils
+
+    if primary:
+        prepare()
+    multihost_utils.sync_global_devices("segjax: data prepared by process 0")
+    if not primary:
+        prepare()
 
 
 def _class_names(data, config):
