@@ -88,7 +88,7 @@ def _run_eval(args):
 def _add_predict(sub):
     p = sub.add_parser("predict", help="write a mask (and an overlay) for each image")
     p.add_argument("--checkpoint", required=True, help="a workdir, a checkpoint step directory or a converted checkpoint")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--multi-scale", action="store_true")
     p.add_argument("--flip", action="store_true")
@@ -99,7 +99,8 @@ def _run_predict(args):
     from segjax import predict
 
     _quiet_orbax()
-    written = predict.predict(args.checkpoint, args.images, args.out, multi_scale=args.multi_scale, flip=args.flip)
+    with writes_to(args.out, "--out"):
+        written = predict.predict(args.checkpoint, args.images, args.out, multi_scale=args.multi_scale, flip=args.flip)
     print(f"wrote {len(written)} files to {args.out}")
 
 
@@ -134,7 +135,8 @@ def _run_convert(args):
     from segjax import convert
 
     kw = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    variables = convert.convert_file(args.name, args.weights, args.out_dir, **kw)
+    with writes_to(args.out_dir, "output directory"):
+        variables = convert.convert_file(args.name, args.weights, args.out_dir, **kw)
     import jax
     n = sum(x.size for x in jax.tree_util.tree_leaves(variables.get("params", {})))
     print(f"wrote {args.out_dir}: {args.name}, {n:,} parameters")

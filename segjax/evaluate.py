@@ -24,6 +24,8 @@ def load_for_inference(path: str):
     if not num_classes:
         raise SegjaxError(f"{path}: the checkpoint does not say its number of classes")
     model = models.create(meta["model"], num_classes, **kw)
+    from segjax.convert import check_fits, model_shapes
+    check_fits(variables, model_shapes(model), f"{path} (saved as model={meta['model']}, num_classes={num_classes})")
     task = meta.get("task") or ("saliency" if meta["model"].startswith("u2net") else "segmentation")
     return T.inference_state(model, variables, task, num_classes), meta
 
@@ -45,6 +47,13 @@ def evaluate(path: str, *, dataset: str | None = None, split: str | None = None,
     if dataset == "synthetic":
         data.prepare("synthetic", data_dir, progress=False, **config.get("data_options", {}))
     source = data.open_source(dataset, split, data_dir)
+    try:
+        names = list(data.class_names(dataset, data_dir))
+    except Exception:  # a data set without names
+        names = []
+    if state.task == "segmentation" and len(names) > state.num_classes:
+        raise SegjaxError(f"{path}: the checkpoint predicts {state.num_classes} classes but data set '{dataset}' has "
+                          f"{len(names)}; evaluate it on the data set it was trained on (--dataset)")
     scales = DEEPLAB_SCALES if multi_scale else tuple(config.get("eval_scales", (1.0,)))
     import jax
     parallel = T.DataParallel(T.make_mesh(), scales, flip or bool(config.get("eval_flip", False)))
@@ -52,10 +61,6 @@ def evaluate(path: str, *, dataset: str | None = None, split: str | None = None,
     loader = data.make_eval_loader(source, batch_size=batch_size, base_size=config.get("base_size"), mean=tuple(meta.get("mean", IMAGENET_MEAN)),
                                    std=tuple(meta.get("std", IMAGENET_STD)))
     scores = evaluate_dataset(parallel, parallel.put_state(state), loader, state.task)
-    try:
-        names = list(data.class_names(dataset, data_dir))
-    except Exception:
-        names = []
     if len(names) != state.num_classes:
         names = [str(i) for i in range(state.num_classes)]
     return scores, names, meta

@@ -35,6 +35,31 @@ def output_paths(images: list[str], out_dir: str, task: str) -> list[dict]:
     return plans
 
 
+def expand_inputs(paths: list[str]) -> list[str]:
+    """Image files as given, a folder as its files (sorted); every one is checked to be an image PIL can
+    open before any model is loaded or anything is written."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            inside = sorted(os.path.join(path, n) for n in os.listdir(path)
+                            if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+            if not inside:
+                raise SegjaxError(f"{path}: the folder holds no files; pass image files or a folder of images")
+            files += inside
+        else:
+            files.append(path)
+    for path in files:
+        if not os.path.isfile(path):
+            raise SegjaxError(f"{path}: no such image")
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+            raise SegjaxError(f"{path}: not an image file PIL can read; remove it from the inputs (or the folder) "
+                              "and pass only images") from None
+    return files
+
+
 def _read(path: str) -> np.ndarray:
     if not os.path.isfile(path):
         raise SegjaxError(f"{path}: no such image")
@@ -69,6 +94,9 @@ def predict(path: str, images: list[str], out_dir: str, *, multi_scale: bool = F
 
     if not images:
         raise SegjaxError("no images given; pass one or more image files")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SegjaxError(f"{out_dir}: --out must be a directory, and this is a file; pick another --out")
+    images = expand_inputs(images)
     state, meta = load_for_inference(path)
     plans = output_paths(images, out_dir, state.task)
     mean = np.asarray(meta.get("mean", IMAGENET_MEAN), np.float32)

@@ -67,8 +67,9 @@ def initial_variables(config, model, rng):
     variables = T.init_variables(model, rng, (config.crop_size, config.crop_size, 3))
     if config.init_checkpoint:
         from segjax.convert import check_fits
-        loaded, _ = checkpoint.load_variables(config.init_checkpoint)
-        check_fits(loaded, variables, f"config.init_checkpoint={config.init_checkpoint}")
+        loaded, saved = checkpoint.load_variables(config.init_checkpoint)
+        check_fits(loaded, variables, f"config.init_checkpoint={config.init_checkpoint} (model={saved.get('model')}, "
+                   f"num_classes={saved.get('num_classes')}) for model={config.model}, num_classes={config.num_classes}")
         variables = {k: loaded.get(k, {}) for k in variables}
     if config.backbone_weights:
         from segjax import convert
@@ -171,10 +172,6 @@ def run(config, workdir: str) -> dict:
                                      mean=tuple(config.mean), std=tuple(config.std), **shard)
 
     meta = model_meta(config)
-    if primary:
-        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-            f.write(config_lib.to_json(config))
-        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
     state = parallel.put_state(state)  # restore into the global layout: no cross-host copies afterwards
     ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, config.best_metric)
     start = ckpts.latest_step() or 0
@@ -188,6 +185,10 @@ def run(config, workdir: str) -> dict:
         tree, _ = ckpts.restore(start, state.checkpoint_tree(), train_iter)
         state = state.replace_from_checkpoint(tree)
         print(f"resuming {workdir} from step {start}/{total_steps}")
+    if primary:  # only once the workdir is known to hold no other run: never overwrite its config
+        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
+            f.write(config_lib.to_json(config))
+        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
     state = parallel.put_state(state)
     writer = logs.MetricWriter(workdir, enabled=primary)
     class_names = _class_names(data, config)
