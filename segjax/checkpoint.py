@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -138,6 +139,10 @@ class TrainCheckpoints:
 
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
         self.best_metric = best_metric
+        if not read_only:
+            for name in unfinished_writes(self.directory):
+                _warn(f"ignoring {os.path.join(self.directory, name)}: a checkpoint write that never finished "
+                      f"(the process was stopped while saving); it is removed")
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(n=max(keep, 1)),
             pp.BestN(get_metric_fn=lambda m: m.get(best_metric, float("-inf")), n=1, keep_checkpoints_without_metrics=False),
@@ -145,7 +150,8 @@ class TrainCheckpoints:
         # best_fn only makes Orbax persist the metrics (so the best step survives a restart).
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
                                                best_fn=lambda m: m.get(best_metric, float("-inf")),
-                                               read_only=read_only, enable_async_checkpointing=False)
+                                               read_only=read_only, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def __enter__(self):
@@ -200,3 +206,64 @@ class TrainCheckpoints:
         )
         restored = self.manager.restore(step, args=args)
         return restored["state"], restored["meta"]
+
+    def restore_latest(self, state_target, iterator, check_meta=None) -> tuple:
+        """(step, state tree) of the newest step that restores; (None, None) when no step was ever committed.
+
+        A step that fails to restore (truncated or missing files, bad JSON, a missing item) is skipped with a
+        warning; once an older one restores, the broken ones move to <workdir>/corrupt_checkpoints/ (kept for
+        inspection; a later save may reuse their step numbers). `check_meta(meta)` may raise SegjaxError
+        (a different recipe): that propagates. Steps that exist but none restores -> SegjaxError naming the
+        directory: never a silent fresh start.
+        """
+        broken = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.read_meta(step)
+                if check_meta is not None:
+                    check_meta(meta)
+                tree, _ = self.restore(step, state_target, iterator)
+            except SegjaxError:
+                raise
+            except Exception as e:  # noqa: BLE001  anything unreadable: try the step before
+                why = (str(e).strip().splitlines() or [""])[0][:160]
+                _warn(f"checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
+                      f"({type(e).__name__}: {why}); trying the one before")
+                broken.append(step)
+                continue
+            for bad in broken:
+                _warn(f"moved {self._set_aside(bad)} aside; resuming from step {step}")
+            if broken:
+                self.manager.reload()
+            return step, tree
+        if broken:
+            raise SegjaxError(f"{self.directory}: none of its checkpoints (steps {', '.join(map(str, broken))}) can be "
+                              f"restored; move that directory aside to train from scratch, or use another --workdir")
+        return None, None
+
+    def _set_aside(self, step: int) -> str:
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(os.path.dirname(self.directory), CORRUPT, str(step))
+        n = 1
+        while os.path.exists(target):
+            target = os.path.join(os.path.dirname(self.directory), CORRUPT, f"{step}.{n}")
+            n += 1
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(source, target)
+        return target
+
+
+CORRUPT = "corrupt_checkpoints"
+
+
+def unfinished_writes(directory: str) -> list[str]:
+    """Orbax's temporary step directories: writes that were never committed (renamed)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory) if ".orbax-checkpoint-tmp" in n)
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)

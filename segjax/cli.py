@@ -3,7 +3,8 @@
     segjax train | eval | predict | inspect | convert | data
 
 A `SegjaxError` (bad input, a checkpoint that doesn't fit, ...) prints as one line, `error: ...`,
-with no traceback, and exits with status 2.
+with no traceback, and exits with status 2. `segjax train` stopped by SIGTERM/SIGINT exits with
+128 + the signal number (143, 130) after saving a checkpoint; the same command resumes.
 """
 from __future__ import annotations
 
@@ -51,7 +52,11 @@ def _run_train(args):
     workdir = args.workdir or os.path.join("runs", config.name)
     _quiet_orbax()
     with writes_to(workdir, "--workdir"):
-        train_and_evaluate(config, workdir)
+        result = train_and_evaluate(config, workdir)
+    if result.get("signal"):  # preempted after a checkpoint: 128 + signal number, like a process killed by it
+        import signal
+        return 128 + int(signal.Signals[result["signal"]])
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except SegjaxError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)  # trainer.Interrupted: 128 + signal number
 
 
 if __name__ == "__main__":

@@ -3,8 +3,15 @@
 Builds data, model, optimizer and TrainState from a recipe, resumes from the workdir's latest
 checkpoint (params, optimizer state, BatchNorm statistics, step, RNG and the data iterator's
 position), trains with the jitted data-parallel step, evaluates, checkpoints (latest k + best),
-and logs to metrics.jsonl / TensorBoard / PNG plots. SIGTERM or SIGINT finishes the current step,
-checkpoints and exits with a resume message.
+and logs to metrics.jsonl / TensorBoard / PNG plots.
+
+Preemption: SIGTERM or SIGINT during training finishes the current step (or eval, or checkpoint write),
+checkpoints and returns {"stopped": True, "signal": ...}; `segjax train` then prints how to resume and
+exits with 128 + the signal number (143 SIGTERM, 130 SIGINT), so schedulers see an unfinished run.
+A signal before the first step, or a second one, stops at once (same status; nothing new is saved).
+Resuming falls back past unreadable checkpoints (see TrainCheckpoints.restore_latest). A NaN/Inf loss
+or gradient stops with an error naming the step before any checkpoint records it, unless
+config.nonfinite="skip" (skipped steps are counted in metrics.jsonl and the final message).
 """
 from __future__ import annotations
 
@@ -77,18 +84,35 @@ def initial_variables(config, model, rng):
     return variables
 
 
-class StopRequest:
-    """SIGTERM/SIGINT -> finish the step, checkpoint, exit. Handlers are restored on exit."""
+class Interrupted(SegjaxError):
+    """A stop signal that could not wait for a checkpoint: exit status 128 + the signal's number."""
 
-    def __init__(self):
+    def __init__(self, signame: str, message: str):
+        super().__init__(message)
+        self.exit_status = 128 + int(signal.Signals[signame])
+
+
+class StopRequest:
+    """SIGTERM/SIGINT. While `deferred` (the training loop and its last checkpoint) the first signal only
+    sets `signal`: the loop finishes its step, checkpoints and returns. Before that (data, model, restore:
+    nothing new to save) or on a second signal, Interrupted is raised at once. Handlers are restored on exit."""
+
+    def __init__(self, workdir: str = ""):
         self.signal = None
+        self.deferred = False
+        self.workdir = workdir
 
     @contextlib.contextmanager
     def installed(self):
         def handler(signum, frame):
-            if self.signal is not None:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
-            self.signal = signal.Signals(signum).name
+            name = signal.Signals(signum).name
+            if self.deferred and self.signal is None:
+                self.signal = name
+                return
+            when = "again" if self.signal else "before the first step"
+            self.signal = name
+            raise Interrupted(name, f"{name} received {when}: stopped without saving; run the same command "
+                                    f"again to resume from the last checkpoint in {self.workdir}")
         previous = {}
         try:
             for s in (signal.SIGTERM, signal.SIGINT):
@@ -129,6 +153,13 @@ def _check_resumable(saved: dict, config, workdir: str) -> None:
 
 
 def run(config, workdir: str) -> dict:
+    """Trains (resuming); on SIGTERM/SIGINT returns {"step", "stopped": True, "signal"} after checkpointing."""
+    stop = StopRequest(os.path.abspath(workdir))
+    with stop.installed():
+        return _run(config, workdir, stop)
+
+
+def _run(config, workdir: str, stop: StopRequest) -> dict:
     from segjax import data
     from tqdm import tqdm
 
@@ -174,15 +205,15 @@ def run(config, workdir: str) -> dict:
     meta = model_meta(config)
     state = parallel.put_state(state)  # restore into the global layout: no cross-host copies afterwards
     ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, config.best_metric)
-    start = ckpts.latest_step() or 0
+    start, tree = ckpts.restore_latest(state.checkpoint_tree(), train_iter,
+                                       lambda saved: _check_resumable(saved, config, workdir))
+    start = start or 0
     if start:
-        _check_resumable(ckpts.read_meta(start), config, workdir)
         if start >= total_steps:  # nothing to train; saving this step again would clash with it
             ckpts.close()
             print(f"{workdir} already holds the finished run ({start}/{total_steps} steps); raise "
                   f"--config.num_steps to train on, or pick another --workdir")
             return {"step": start, "finished": True}
-        tree, _ = ckpts.restore(start, state.checkpoint_tree(), train_iter)
         state = state.replace_from_checkpoint(tree)
         print(f"resuming {workdir} from step {start}/{total_steps}")
     if primary:  # only once the workdir is known to hold no other run: never overwrite its config
@@ -202,36 +233,53 @@ def run(config, workdir: str) -> dict:
         last_eval = step
         return {config.best_metric: float(scores[config.best_metric])}
 
-    stop = StopRequest()
     bar = tqdm(total=total_steps, initial=start, desc=f"train {config.name}", unit="step", disable=not primary,
                dynamic_ncols=True)
+
+    def flush():  # NaN/Inf checked here, and always before a checkpoint can record steps past one
+        nonlocal skipped, pending, t_log, n_log
+        last = ckpts.latest_step()
+        intact = (f"the checkpoints in {ckpts.directory} (latest: step {last}) are intact" if last else
+                  "no checkpoint was saved yet")
+        skipped += _flush(pending, config.nonfinite, writer, schedule, n_log, t_log, bar, intact)
+        pending, t_log, n_log = [], time.perf_counter(), 0
+
     step = start
+    stop.deferred = True  # from here a signal finishes the step and checkpoints
     try:
-        with stop.installed():
-            while step < stop_at and not distributed.any_process(stop.signal is not None):  # all stop at one step
-                batch = next(train_iter)
-                state, m = parallel.train_step(state, parallel.put_batch(batch),
-                                               jax.random.fold_in(state.rng, step))
-                pending.append((step, m))
-                step += 1
-                n_log += config.batch_size
-                bar.update(1)
-                if step % config.log_every_steps == 0 or step == stop_at:
-                    skipped += _flush(pending, config.nonfinite, writer, schedule, n_log, t_log, bar)
-                    pending, t_log, n_log = [], time.perf_counter(), 0
-                if step % eval_every == 0 or step == total_steps:
-                    ckpts.save(step, state.checkpoint_tree(), train_iter, meta, do_eval(step))
-        skipped += _flush(pending, config.nonfinite, writer, schedule, n_log, t_log, bar)
+        while step < stop_at and not distributed.any_process(stop.signal is not None):  # all stop at one step
+            batch = next(train_iter)
+            state, m = parallel.train_step(state, parallel.put_batch(batch),
+                                           jax.random.fold_in(state.rng, step))
+            pending.append((step, m))
+            step += 1
+            n_log += config.batch_size
+            bar.update(1)
+            saving = step % eval_every == 0 or step == total_steps
+            if step % config.log_every_steps == 0 or step == stop_at or saving:
+                flush()
+            if saving:
+                ckpts.save(step, state.checkpoint_tree(), train_iter, meta, do_eval(step))
+        flush()
+        if last_eval != step and step > start:
+            ckpts.save(step, state.checkpoint_tree(), train_iter, meta, do_eval(step) if step == total_steps else None)
+    except BaseException:
+        with contextlib.suppress(Exception):  # keep the original error
+            writer.close()
+            ckpts.close()
+        raise
     finally:
         bar.close()
-    if last_eval != step and step > start:
-        ckpts.save(step, state.checkpoint_tree(), train_iter, meta, do_eval(step) if step == total_steps else None)
     ckpts.close()
     writer.close()
+    if primary:
+        skipped = _count_skipped(workdir, step)
     if step < total_steps:
         why = f"{stop.signal} received" if stop.signal else f"stop_at_step={stop_at}"
-        print(f"{why}: saved step {step}/{total_steps} to {workdir}; run the same command again to resume")
-        return {"step": step, "stopped": True}
+        saved = f"step {step}/{total_steps} is checkpointed in {workdir}" if step else "nothing was saved yet"
+        print(f"{why}: {saved}" + (f" (skipped {skipped} non-finite steps)" if skipped else "")
+              + "; run the same command again to resume")
+        return {"step": step, "stopped": True, **({"signal": stop.signal} if stop.signal else {})}
     if primary:
         from segjax import metrics
         logs.plot(workdir, class_names)
@@ -271,6 +319,12 @@ def _prepare_data(data, config, root: str, primary: bool) -> None:
         prepare()
 
 
+def _count_skipped(workdir: str, step: int) -> int:
+    """Non-finite steps skipped up to `step` over every session of this run (a resume replays some steps)."""
+    return len({s for r in logs.read_metrics(workdir) if r.get("split") == "train"
+                for s in r.get("nonfinite_steps", []) if s <= step})
+
+
 def _class_names(data, config):
     try:
         names = list(data.class_names(config.dataset))
@@ -279,15 +333,16 @@ def _class_names(data, config):
     return names if len(names) == config.num_classes else [str(i) for i in range(config.num_classes)]
 
 
-def _flush(pending, policy: str, writer, schedule, images: int, t0: float, bar) -> int:
+def _flush(pending, policy: str, writer, schedule, images: int, t0: float, bar, intact: str = "") -> int:
     """Fetches the pending step metrics, checks them for NaN/Inf, logs their mean; returns skipped steps."""
     if not pending:
         return 0
     values = jax.device_get([m for _, m in pending])
     bad = [s + 1 for (s, _), v in zip(pending, values) if int(v["nonfinite"])]
     if bad and policy != "skip":
-        raise SegjaxError(f"non-finite loss or gradient at step {bad[0]} (update not applied); lower the "
-                          f"learning rate, or set --config.nonfinite=skip to skip such steps")
+        raise SegjaxError(f"non-finite loss or gradient at step {bad[0]} (update not applied); "
+                          + (f"{intact}; " if intact else "") + "lower the learning rate, or set "
+                          "--config.nonfinite=skip to skip such steps")
     step = pending[-1][0] + 1
     good = [v for v in values if not int(v["nonfinite"])] or values
     record = {k: float(np.mean([v[k] for v in good])) for k in ("loss", "grad_norm")}
@@ -295,6 +350,7 @@ def _flush(pending, policy: str, writer, schedule, images: int, t0: float, bar) 
     record["images_per_s"] = images / max(time.perf_counter() - t0, 1e-9)
     if bad:
         record["skipped_steps"] = len(bad)
+        record["nonfinite_steps"] = bad
     writer.write(step, "train", record)
     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.1f}")
     return len(bad)
