@@ -108,3 +108,31 @@ def test_normalize_table_matches_arithmetic():
                         - (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32))
             got = transforms.normalize(view, mean, std, rows=5)
             assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, expected)
+
+
+def test_device_prefetch_keeps_the_stream_and_resumes_exactly(tmp_path):
+    """The trainer's look-ahead changes no batch, and its state is that of the first unconsumed batch."""
+    import numpy as np
+
+    from segjax import data
+    from segjax.data.pipeline import DevicePrefetch
+
+    data.prepare("synthetic", str(tmp_path), image_size=16, num_train=12, num_val=1, progress=False)
+    source = data.open_source("synthetic", "train", str(tmp_path))
+
+    def loader():
+        return iter(data.make_train_loader(source, batch_size=2, crop_size=8, base_size=16, shard_index=0,
+                                           shard_count=1, read_threads=1))
+
+    plain = [next(it) for it in [loader()] for _ in range(9)]
+    placed = []
+    ahead = DevicePrefetch(loader(), lambda b: placed.append(1) or {k: b[k] + 0 for k in ("image", "mask")}, depth=2)
+    got = [next(ahead) for _ in range(4)]
+    assert len(placed) == 6  # 4 consumed + 2 ahead
+    state = ahead.get_state()
+    resumed = DevicePrefetch(loader(), lambda b: b, depth=2)
+    resumed.set_state(state)
+    got += [next(resumed) for _ in range(5)]  # crosses the 6-batch epoch boundary
+    for a, b in zip(plain, got, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])

@@ -15,6 +15,7 @@ examples (`index` -1, `valid_hw` 0), so every process sees the same number of fi
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
@@ -185,3 +186,35 @@ def make_eval_loader(source, *, batch_size: int, eval_size=None, base_size: int 
 def crop_logits(logits: np.ndarray, valid_hw) -> list[np.ndarray]:
     """Per-example logits cut back to their image's valid region (fillers give empty arrays)."""
     return [np.asarray(logits[i, :h, :w]) for i, (h, w) in enumerate(np.asarray(valid_hw))]
+
+
+class DevicePrefetch:
+    """Wraps a batch iterator so `depth` batches are already placed (`put`, e.g. onto the devices) ahead
+    of the one being consumed: the host->device copy of the next batches is issued while the current step
+    runs instead of just before the step that needs it. get_state()/set_state() are those of the first
+    batch not yet consumed, so a checkpoint taken mid-stream resumes exactly (the look-ahead is re-read)."""
+
+    def __init__(self, iterator, put, depth: int = 2):
+        self.iterator, self.put, self.depth = iterator, put, int(depth)
+        self._ahead = collections.deque()  # (iterator state before the batch, placed batch)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while len(self._ahead) <= self.depth:
+            state = self.iterator.get_state()
+            self._ahead.append((state, self.put(next(self.iterator))))
+        return self._ahead.popleft()[1]
+
+    def get_state(self):
+        return self._ahead[0][0] if self._ahead else self.iterator.get_state()
+
+    def set_state(self, state) -> None:
+        self._ahead.clear()
+        self.iterator.set_state(state)
+
+    def __getattr__(self, name):  # e.g. grain's start_prefetch, used after a restore
+        if name.startswith("_") or name in ("iterator", "put", "depth"):
+            raise AttributeError(name)
+        return getattr(self.iterator, name)
