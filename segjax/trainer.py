@@ -247,7 +247,7 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
     step = start
     stop.deferred = True  # from here a signal finishes the step and checkpoints
     try:
-        while step < stop_at and not distributed.any_process(stop.signal is not None):  # all stop at one step
+        while step < stop_at and not _stop_requested(stop, step):
             batch = next(train_iter)
             state, m = parallel.train_step(state, parallel.put_batch(batch),
                                            jax.random.fold_in(state.rng, step))
@@ -299,6 +299,15 @@ def _check_num_classes(data, config, root) -> None:
     if len(names) > config.num_classes:
         raise SegjaxError(f"config.num_classes={config.num_classes} but data set '{config.dataset}' has {len(names)} "
                           f"classes ({', '.join(names[:5])}, ...); use --config.num_classes={len(names)}")
+
+
+def _stop_requested(stop, step: int, every: int = 10) -> bool:
+    """Whether to leave the training loop now. Several processes must stop at the same step (the
+    checkpoint is collective) although a signal may reach them at different steps or only some of
+    them: they compare notes every `every` steps (one tiny collective that waits for the devices)."""
+    if jax.process_count() == 1:
+        return stop.signal is not None
+    return step % every == 0 and distributed.any_process(stop.signal is not None)
 
 
 def _prepare_data(data, config, root: str, primary: bool) -> None:
