@@ -61,7 +61,7 @@ def load_config(name_or_path: str | None = None) -> ml_collections.ConfigDict:
 def _type_error(e: TypeError) -> str:
     m = re.search(r"field '([^']+)'.*?\. (.*) is of original type <class '(\w+)'> and cannot be casted to "
                   r"type <class '(\w+)'>", str(e))
-    return f"{m[1]}={m[2]} is a {m[3]}, expected a {m[4]}" if m else str(e).splitlines()[0]
+    return f"{m[1]}={m[2]!r} is a {m[3]}, expected {m[4]}" if m else str(e).splitlines()[0]
 
 
 _TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (tuple, list),
@@ -80,8 +80,8 @@ def _complete(config: ml_collections.ConfigDict, where: str) -> ml_collections.C
         default = out[key]
         allowed = _TYPES[type(default)]
         if not isinstance(value, allowed) or (isinstance(value, bool) and not isinstance(default, bool)):
-            raise SegjaxError(f"{where}: {key}={value!r} is a {type(value).__name__}, expected a "
-                              f"{type(default).__name__} like {default!r}")
+            raise SegjaxError(f"{where}: {key}={value!r} is a {type(value).__name__}, expected "
+                              f"{type(default).__name__} (like {default!r})")
         with out.unlocked():
             out[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else \
                 tuple(value) if isinstance(value, list) else value
