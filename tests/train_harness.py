@@ -150,7 +150,7 @@ class Run:
             if os.path.exists(path):
                 os.remove(path)
         env = {k: v for k, v in os.environ.items() if not k.startswith("SEGJAX_TEST_")}
-        env.update(SEGJAX_TEST_MARKER=self.marker, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+        env.update(SEGJAX_TEST_MARKER=self.marker, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
         if pause:
             env["SEGJAX_TEST_PAUSE"] = pause
         if inf_steps:
