@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -73,8 +74,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses any pickle that would build arbitrary objects
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SegjaxError(f"{path}: not a plain weights file ({first}); save it with "
+        raise SegjaxError(f"{path}: not a plain weights file ({_why_refused(e)}); save it with "
                           f"torch.save(model.state_dict(), path)") from None
     for key in ("state_dict", "model", "model_state_dict"):  # common training-checkpoint wrappers
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -87,6 +87,16 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             k = k[len("module."):] if k.startswith("module.") else k  # DataParallel / DDP prefix
             out[k] = v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
     return out
+
+
+def _why_refused(e: Exception) -> str:
+    """The one useful line of torch's weights-only refusal (which global it refused), without its ANSI codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return f"it pickles {refused[1]}, which is never loaded"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(e).__name__
 
 
 # ------------------------------------------------------------------------------------- mapping
