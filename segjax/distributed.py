@@ -118,14 +118,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return True
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process when `flag` is True on any of them (one tiny collective when
-    multi-process): processes that must leave a loop together, e.g. on a signal only some got."""
+def max_over_processes(value: int) -> int:
+    """The largest `value` over all processes, on every process (one tiny collective when
+    multi-process): how processes agree, e.g. to stop together on a signal only some of them got."""
     import jax
 
     if jax.process_count() == 1:
-        return bool(flag)
+        return int(value)
     import numpy as np
     from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))

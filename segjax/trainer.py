@@ -100,6 +100,7 @@ class StopRequest:
     def __init__(self, workdir: str = ""):
         self.signal = None
         self.deferred = False
+        self.elsewhere = None  # multi-process: a signal another process got (we stop with it)
         self.workdir = workdir
 
     @contextlib.contextmanager
@@ -247,7 +248,7 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
     step = start
     stop.deferred = True  # from here a signal finishes the step and checkpoints
     try:
-        while step < stop_at and not _stop_requested(stop, step):
+        while step < stop_at and not _stop_requested(stop, step, min(config.log_every_steps, 10)):
             batch = next(train_iter)
             state, m = parallel.train_step(state, parallel.put_batch(batch),
                                            jax.random.fold_in(state.rng, step))
@@ -275,11 +276,13 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
     if primary:
         skipped = _count_skipped(workdir, step)
     if step < total_steps:
-        why = f"{stop.signal} received" if stop.signal else f"stop_at_step={stop_at}"
+        why = (f"{stop.signal} received" if stop.signal else f"{stop.elsewhere} received by another process"
+               if stop.elsewhere else f"stop_at_step={stop_at}")
         saved = f"step {step}/{total_steps} is checkpointed in {workdir}" if step else "nothing was saved yet"
         print(f"{why}: {saved}" + (f" (skipped {skipped} non-finite steps)" if skipped else "")
               + "; run the same command again to resume")
-        return {"step": step, "stopped": True, **({"signal": stop.signal} if stop.signal else {})}
+        signame = stop.signal or stop.elsewhere
+        return {"step": step, "stopped": True, **({"signal": signame} if signame else {})}
     if primary:
         from segjax import metrics
         logs.plot(workdir, class_names)
@@ -301,13 +304,18 @@ def _check_num_classes(data, config, root) -> None:
                           f"classes ({', '.join(names[:5])}, ...); use --config.num_classes={len(names)}")
 
 
-def _stop_requested(stop, step: int, every: int = 10) -> bool:
+def _stop_requested(stop, step: int, every: int) -> bool:
     """Whether to leave the training loop now. Several processes must stop at the same step (the
     checkpoint is collective) although a signal may reach them at different steps or only some of
     them: they compare notes every `every` steps (one tiny collective that waits for the devices)."""
     if jax.process_count() == 1:
         return stop.signal is not None
-    return step % every == 0 and distributed.any_process(stop.signal is not None)
+    if step % every:
+        return False
+    signum = distributed.max_over_processes(int(signal.Signals[stop.signal]) if stop.signal else 0)
+    if signum and stop.signal is None:  # not stop.signal: a later signal here must not count as a second one
+        stop.elsewhere = signal.Signals(signum).name
+    return bool(signum)
 
 
 def _prepare_data(data, config, root: str, primary: bool) -> None:

@@ -3,9 +3,12 @@ global batch stream, and `segjax train` as 2 processes on localhost (CPU, gloo c
 on the same parameters as 1 process with the same global batch, through a stop and resume."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import portpicker
@@ -128,8 +131,8 @@ def get_config():
 TIMEOUT = 240
 
 
-def _train(recipe, workdir, data_dir, num_processes, *extra):
-    """`segjax train` as `num_processes` processes on 127.0.0.1; returns their outputs."""
+def _launch(recipe, workdir, data_dir, num_processes, *extra):
+    """`segjax train` as `num_processes` processes on 127.0.0.1: (processes, their log files)."""
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     for var in CLUSTER_VARS:
@@ -141,10 +144,14 @@ def _train(recipe, workdir, data_dir, num_processes, *extra):
                 "--num-processes", str(num_processes)]
     procs, logs = [], []
     for i in range(num_processes):
-        log = tempfile.TemporaryFile("w+")
-        logs.append(log)
+        logs.append(tempfile.TemporaryFile("w+"))
         procs.append(subprocess.Popen(cmd + (["--process-id", str(i)] if num_processes > 1 else []), env=env,
-                                      stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+                                      stdout=logs[-1], stderr=subprocess.STDOUT, cwd=REPO))
+    return procs, logs
+
+
+def _collect(procs, logs, returncode=0):
+    """Waits (bounded) for every process; asserts their exit status; returns their outputs."""
     try:
         for p in procs:
             p.wait(timeout=TIMEOUT)
@@ -159,8 +166,12 @@ def _train(recipe, workdir, data_dir, num_processes, *extra):
         outputs.append(log.read())
         log.close()
     for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+        assert p.returncode == returncode, out[-3000:]
     return outputs
+
+
+def _train(recipe, workdir, data_dir, num_processes, *extra):
+    return _collect(*_launch(recipe, workdir, data_dir, num_processes, *extra))
 
 
 def _final_variables(workdir):
@@ -209,3 +220,25 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     eval1, eval2 = _records(tmp_path / "one", "eval"), _records(tmp_path / "two", "eval")
     assert [r["step"] for r in eval2] == [3, 6]
     np.testing.assert_allclose([r["miou"] for r in eval2], [r["miou"] for r in eval1], atol=1e-6)
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+    recipe = tmp_path / "tiny_multihost.py"
+    recipe.write_text(RECIPE.format(repo=REPO))
+    workdir = tmp_path / "signalled"
+    procs, logs = _launch(recipe, workdir, tmp_path / "data", 2, "--config.num_steps=500",
+                          "--config.eval_every_steps=500")
+    deadline = time.monotonic() + TIMEOUT
+    metrics = workdir / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count('"split": "train"') >= 2):  # training is under way
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            _collect(procs, logs)  # fails with the processes' output
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # only process 1
+    outputs = _collect(procs, logs, returncode=128 + signal.SIGTERM)
+    steps = [re.search(r"step (\d+)/500 is checkpointed", out) for out in outputs]
+    assert all(steps), outputs[0][-2000:]
+    step = int(steps[0][1])
+    assert int(steps[1][1]) == step and 2 <= step < 500
+    assert "SIGTERM received by another process" in outputs[0] and "SIGTERM received:" in outputs[1]
+    assert os.listdir(workdir / "checkpoints") == [str(step)]
