@@ -97,4 +97,4 @@ def test_resume_gives_the_same_params_as_training_straight(tmp_path):
     assert lrs(tmp_path / "straight") == lrs(tmp_path / "resumed")
     # and a different architecture is refused rather than silently restored
     with pytest.raises(SegjaxError, match="holds a run with"):
-        train_and_evaluate(tiny_config(data_dir, num_classes=4), str(tmp_path / "resumed"))
+        train_and_evaluate(tiny_config(data_dir, num_classes=6), str(tmp_path / "resumed"))
