@@ -239,7 +239,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train_split = "train"
     c.eval_split = "val"
     c.base_size = 520
-    c.crop_size = 480
+    c.crop_size = 480                  # <= base_size * scale_range[1], else every crop is padding (see check())
     c.scale_range = (0.5, 2.0)
     c.hflip = True
     c.vflip = False
