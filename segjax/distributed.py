@@ -45,7 +45,7 @@ def detected_cluster() -> tuple[str, int] | None:
     return None
 
 
-def _parse_int(key: str, raw, where: str) -> int:
+def _parse_int(raw, where: str) -> int:
     try:
         return int(raw)
     except (TypeError, ValueError):
@@ -67,7 +67,7 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
     explicit = {k: v for k, v in given.items() if v is not None}
     for key in ("num_processes", "process_id"):
         if key in explicit:
-            explicit[key] = _parse_int(key, explicit[key], where[key])
+            explicit[key] = _parse_int(explicit[key], where[key])
     cluster = detected_cluster()
     if not explicit:
         return {} if cluster and cluster[1] > 1 else None
