@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import signal
 
 import grain
 import numpy as np
@@ -71,8 +72,14 @@ def _iterable(ds: grain.MapDataset, worker_count: int, read_threads: int, buffer
     stream is the same for any worker count (0 = in this process)."""
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer))
     if worker_count:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count), worker_init_fn=_ignore_ctrl_c)
     return it
+
+
+def _ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+    """Ctrl-C reaches the whole process group: the trainer decides (finish the step, checkpoint), so
+    workers must keep serving batches instead of dying with a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_train_loader(source, *, batch_size: int, crop_size, base_size: int, scale_range=(0.5, 2.0),
