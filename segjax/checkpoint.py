@@ -8,7 +8,9 @@ temporary directory and renamed: atomic), each step holding the items
     state/   {"step", "params", "batch_stats", "opt_state", "rng"}  (collective save on many hosts)
     data/    the data iterator's position, one JSON file per process
     meta/    {"model", "model_kwargs", "num_classes", "task", "config"}
-The latest `keep` steps are kept, plus the best one by a validation metric. `--checkpoint`
+The latest `keep` steps are kept, plus the best one by a validation metric. A process killed mid-write
+leaves only `<step>.orbax-checkpoint-tmp` (warned about and removed at the next start); resuming falls
+back past steps that fail to restore (TrainCheckpoints.restore_latest). `--checkpoint`
 accepts a variables checkpoint, one step directory, or a workdir (its best step).
 """
 from __future__ import annotations
