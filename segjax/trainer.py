@@ -30,6 +30,8 @@ from segjax import config as config_lib
 from segjax import train as T
 from segjax.errors import SegjaxError
 
+DEVICE_PREFETCH = 2  # train batches placed on the devices ahead of the step (0: just in time)
+
 # What must match between a checkpoint and the recipe resuming it.
 _ARCH_KEYS = ("model", "model_kwargs", "num_classes", "task", "dataset", "batch_size", "optimizer")
 
@@ -127,13 +129,21 @@ class StopRequest:
                 signal.signal(s, h)
 
 
+def _then_none(iterable):
+    yield from iterable
+    yield None
+
+
 def evaluate_dataset(parallel, state, loader, task: str) -> dict:
     """Sums the eval step over a loader on the host in int64/float64; returns metrics.scores(...)."""
     from segjax import metrics
 
-    total = None
-    for batch in loader:
-        sums = jax.device_get(parallel.eval_step(state, parallel.put_batch(batch)))
+    total, running = None, None
+    for batch in _then_none(loader):  # a batch's sums are fetched once the next batch is dispatched
+        previous, running = running, (None if batch is None else parallel.eval_step(state, parallel.put_batch(batch)))
+        if previous is None:
+            continue
+        sums = jax.device_get(previous)
         sums = {k: np.asarray(v, np.int64 if k == "confusion" else np.float64) for k, v in sums.items()}
         total = sums if total is None else {k: total[k] + sums[k] for k in total}
     if total is None:
@@ -196,6 +206,7 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
         scale_range=tuple(config.scale_range), hflip=config.hflip, vflip=config.vflip, mean=tuple(config.mean),
         std=tuple(config.std), seed=config.seed, worker_count=config.workers,
         num_epochs=math.ceil(total_steps / steps_per_epoch) + 1, **shard))
+    train_iter = data.pipeline.DevicePrefetch(train_iter, parallel.put_batch, DEVICE_PREFETCH)
 
     def eval_loader():
         per_process = max(config.eval_batch_size // jax.process_count(), jax.local_device_count())
@@ -250,7 +261,7 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
     try:
         while step < stop_at and not _stop_requested(stop, step, min(config.log_every_steps, 10)):
             batch = next(train_iter)
-            state, m = parallel.train_step(state, parallel.put_batch(batch),
+            state, m = parallel.train_step(state, batch,  # already on the devices (DevicePrefetch)
                                            jax.random.fold_in(state.rng, step))
             pending.append((step, m))
             step += 1
