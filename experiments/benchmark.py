@@ -23,6 +23,7 @@ import ast
 import importlib.util
 import inspect
 import json
+import os
 import statistics
 import sys
 import time
@@ -104,13 +105,24 @@ def make_jax_steps(model, tx, num_classes: int):
     def infer_step(variables, x):
         return model.apply(variables, x, train=False)["out"]
 
-    def eval_step(variables, x, y):
-        from segjax.metrics import confusion_matrix  # engineer F's module; imported when asked for
+    def predict(variables, x):
         logits = model.apply(variables, x, train=False)["out"]
-        pred = (logits[..., 0] > 0).astype(jnp.int32) if num_classes == 1 else logits.argmax(-1)
-        return confusion_matrix(pred, y, max(num_classes, 2))
+        return (logits[..., 0] > 0).astype(jnp.int32) if num_classes == 1 else logits.argmax(-1).astype(jnp.int32)
 
-    return jax.jit(train_step, donate_argnums=0), jax.jit(infer_step), jax.jit(eval_step)
+    def eval_step(variables, x, y):
+        from segjax.metrics import confusion_matrix  # imported only when asked for
+        return confusion_matrix(predict(variables, x), y, max(num_classes, 2))
+
+    return jax.jit(train_step, donate_argnums=0), jax.jit(infer_step), jax.jit(eval_step), jax.jit(predict)
+
+
+def time_interleaved(calls: dict, sync, warmup: int, iters: int, repeats: int) -> dict:
+    """time_calls for several calls, one repeat of each in turn, so a changing load hits them alike."""
+    runs = {k: [] for k in calls}
+    for r in range(repeats):
+        for k, call in calls.items():
+            runs[k] += time_calls(call, sync, warmup if r == 0 else 0, iters, 1)["step_s_runs"]
+    return {k: {"step_s": statistics.median(v), "step_s_runs": v} for k, v in runs.items()}
 
 
 def compile_timed(jitted, *args):
@@ -133,7 +145,7 @@ def bench_jax(args, model, x, y, peak) -> dict:
     variables = jax.jit(lambda key, x: model.init(key, x, train=False))(jax.random.key(0), x)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     tx = optax.chain(optax.add_decayed_weights(args.weight_decay), optax.sgd(args.lr, momentum=0.9))
-    train_step, infer_step, eval_step = make_jax_steps(model, tx, args.num_classes)
+    train_step, infer_step, eval_step, predict_step = make_jax_steps(model, tx, args.num_classes)
     sync = jax.block_until_ready
     result = {"params": analysis.param_count(variables)}
 
@@ -146,9 +158,13 @@ def bench_jax(args, model, x, y, peak) -> dict:
             ev, ev_compile, _ = compile_timed(eval_step, variables, x, y)
         except ImportError as e:
             result["eval"] = {"skipped": f"segjax.metrics unavailable ({e})"}
-        else:
-            result["eval"] = dict(throughput(time_calls(lambda: ev(variables, x, y), sync, args.warmup, args.iters,
-                                                        args.repeats), args.batch, None, None), compile_s=ev_compile)
+        else:  # the confusion matrix's share: the eval step beside the same forward + argmax without it
+            pred, _, _ = compile_timed(predict_step, variables, x)
+            timed = time_interleaved({"eval": lambda: ev(variables, x, y), "predict": lambda: pred(variables, x)},
+                                     sync, args.warmup, args.iters, args.repeats)
+            share = 1 - timed["predict"]["step_s"] / timed["eval"]["step_s"]
+            result["eval"] = dict(throughput(timed["eval"], args.batch, None, None), compile_s=ev_compile,
+                                  predict_step_s=timed["predict"]["step_s"], confusion_share=share)
 
     # The train step donates its state (sharing arrays with `variables`): everything else runs first.
     state = (params, batch_stats, tx.init(params), jax.random.key(1))
@@ -254,6 +270,14 @@ def bench_torch(args, flops: dict, peak) -> dict:
 
 # ------------------------------------------------------------------------------------------ loader hook
 
+def _sibling(name: str):
+    """experiments/<name>.py as a module (experiments/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def bench_loader(args) -> dict:
     path = Path(__file__).resolve().parent / "bench_loader.py"
     if not path.exists():
@@ -285,39 +309,6 @@ def labels_for(args, rng) -> np.ndarray:
     return labels
 
 
-def markdown(result: dict) -> str:
-    head = (f"**{result['model']}** {result['size'][0]}x{result['size'][1]}, batch {result['batch']}, "
-            f"{result['dtype']}, {result['device']}, {result['params']:,} params, "
-            f"{result['forward_gflop_per_image']:.2f} GFLOP/img forward (XLA)\n\n")
-    rows = ["| impl | mode | images/s | ms/step | compile s | TFLOP/s (XLA) | TFLOP/s (model) | MFU (XLA) | MFU (model) |",
-            "|---|---|---|---|---|---|---|---|---|"]
-
-    def row(impl, mode, r):
-        def num(key, fmt):
-            return fmt(r[key]) if r.get(key) is not None else "-"
-        comp = r.get("compile_s", r.get("first_call_s"))
-        tflops = [num(f"tflops_{k}", lambda v: f"{v:.3g}") for k in ("xla", "model")]
-        mfu = [num(f"mfu_{k}", lambda v: f"{100 * v:.1f}%") for k in ("xla", "model")]
-        rows.append(f"| {impl} | {mode} | {r['images_per_s']:.2f} | {1e3 * r['step_s']:.1f} | {comp:.1f} | "
-                    + " | ".join(tflops + mfu) + " |")
-
-    for mode in ("train", "infer", "eval"):
-        r = result["jax"].get(mode)
-        if r and "skipped" not in r:
-            row("jax", mode, r)
-    for label in ("eager", "compile"):
-        for mode, r in result.get("torch", {}).get(label, {}).items():
-            row(f"torch {label}", mode, r)
-    notes = [f"- JAX / torch {k.replace('_', ' ')}: {v:.2f}x" for k, v in result.get("ratio", {}).items()]
-    notes += [f"- {part}: skipped ({result[part]['skipped']})" for part in ("torch", "loader")
-              if isinstance(result.get(part), dict) and "skipped" in result[part]]
-    loader = result.get("loader", {})
-    notes += [f"- data loader ({k.replace('_', ' ')}): {v}" for k, v in loader.items() if k.endswith("images_per_s")]
-    if "eval" in result["jax"] and "skipped" in result["jax"]["eval"]:
-        notes.append(f"- eval: skipped ({result['jax']['eval']['skipped']})")
-    return head + "\n".join(rows) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="lraspp_mobilenet_v3_large", help=f"one of: {', '.join(models.names(None))}")
@@ -337,12 +328,31 @@ def parse_args(argv):
     p.add_argument("--eval", action="store_true", help="also time the eval step with segjax.metrics.confusion_matrix")
     p.add_argument("--loader", action="store_true", help="also time experiments/bench_loader.py's loader_throughput")
     p.add_argument("--out", default=None, help="directory for the JSON and Markdown results")
+    p.add_argument("--card", default=None, help='device name for the README table (default: e.g. "CPU, 2 cores")')
+    p.add_argument("--readme", default=None, metavar="README.md",
+                   help="rewrite the table between <!-- bench-table --> markers from --results DIR's JSON files "
+                        "(no benchmark runs)")
+    p.add_argument("--results", default=None, metavar="DIR", help="JSON results for --readme (default: --out)")
     args = p.parse_args(argv)
     if len(args.size) not in (1, 2):
         p.error("--size takes H or H W")
     args.size = [args.size[0]] * 2 if len(args.size) == 1 else args.size
     args.model_kw = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.model_kw)}
     return args
+
+
+def default_card(device) -> str:
+    if device.platform == "cpu":
+        return f"CPU, {os.cpu_count()} cores"
+    return f"{device.device_kind} x{jax.device_count()}" if jax.device_count() > 1 else device.device_kind
+
+
+def load_average():
+    """The 1/5/15-minute load averages (None where the OS has none): CPU figures mean little without them."""
+    try:
+        return list(os.getloadavg())
+    except (AttributeError, OSError):
+        return None
 
 
 def default_peak(device_kind: str, dtype: str):
@@ -354,6 +364,15 @@ def default_peak(device_kind: str, dtype: str):
 
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.readme:
+        folder = Path(args.results or args.out or ".")
+        results = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+        if not results:
+            p_error = f"no benchmark results (*.json) in {folder}; run with --out {folder} first"
+            raise SystemExit(p_error)
+        table = _sibling("bench_table").update_readme(Path(args.readme), results)
+        print(table)
+        return {"readme": args.readme, "results": len(results)}
     device = jax.devices()[0]
     peak = args.peak_tflops if args.peak_tflops is not None else default_peak(device.device_kind, args.dtype)
     kw = dict(args.model_kw, **({"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}))
@@ -366,6 +385,7 @@ def main(argv=None) -> dict:
     result = {"model": args.model, "model_kw": {k: repr(v) for k, v in args.model_kw.items()},
               "size": list(args.size), "batch": args.batch, "num_classes": args.num_classes, "dtype": args.dtype,
               "device": device.device_kind, "platform": device.platform, "peak_tflops": peak,
+              "card": args.card or default_card(device), "load_average": load_average(),
               "params": jax_result.pop("params"),
               "forward_gflop_per_image": (jax_result["infer"]["flops_per_step"]["xla"] or 0) / args.batch / 1e9,
               "jax": jax_result}
@@ -382,7 +402,7 @@ def main(argv=None) -> dict:
     if args.loader:
         result["loader"] = bench_loader(args)
 
-    table = markdown(result)
+    table = _sibling("bench_table").markdown(result)
     print(table)
     if args.out:
         out = Path(args.out)

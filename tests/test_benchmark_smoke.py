@@ -57,8 +57,8 @@ def test_benchmark_smoke(tmp_path, capsys):
         assert math.isclose(train[f"tflops_{kind}"], train["flops_per_step"][kind] / train["step_s"] / 1e12)
     assert train["mfu_xla"] is None  # no known peak for a CPU unless --peak-tflops is given
 
-    if name in bench.TORCHVISION_SEGMENTATION:
-        assert "eager" in written["torch"]
+    if not isinstance(bench.torch_reference(name, 3, {}), str):  # torchvision or tests/torch_reference.py
+        assert "eager" in written["torch"] and written["ratio"]["train_eager"] > 0
     else:
         assert "no PyTorch reference" in written["torch"]["skipped"]
     loader = written["loader"]
@@ -66,6 +66,21 @@ def test_benchmark_smoke(tmp_path, capsys):
 
     table = (tmp_path / f"{stem}.md").read_text()
     assert table in printed and "| jax | train |" in table and "| jax | eval |" in table
+    ev = written["jax"]["eval"]  # the share itself is noise at this size; its definition is checked
+    assert math.isclose(ev["confusion_share"], 1 - ev["predict_step_s"] / ev["step_s"]) and "confusion matrix:" in table
+
+    # --readme rewrites only the marked block, from the JSON results
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- bench-table -->\nold table\n<!-- /bench-table -->\n\ntail\n")
+    bench.main(["--readme", str(readme), "--results", str(tmp_path)])
+    text = readme.read_text()
+    assert text.startswith("# title\n\n<!-- bench-table -->\n") and text.endswith("<!-- /bench-table -->\n\ntail\n")
+    assert "old table" not in text and "GPU figures are unmeasured" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {name} "))
+    assert f"| {train['images_per_s']:.2f} | {infer['images_per_s']:.2f} |" in row and written["card"] in row
+    readme.write_text("no markers\n")
+    with pytest.raises(Exception, match="bench-table"):
+        bench.main(["--readme", str(readme), "--results", str(tmp_path)])
 
 
 @pytest.mark.slow
@@ -136,3 +151,24 @@ def test_device_prefetch_keeps_the_stream_and_resumes_exactly(tmp_path):
     for a, b in zip(plain, got, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
+
+
+@pytest.mark.parametrize("name, kw", [("unet", dict(bilinear=True, base_channels=8)), ("unet", dict(base_channels=8)),
+                                      ("u2netp", {}), ("u2netp", dict(conv_bias=False))])
+def test_torch_twins_match_segjax(name, kw):
+    """tests/torch_reference.py's twins have segjax's parameter count and output shapes (odd input size)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    torch = pytest.importorskip("torch")
+    import torch_reference
+
+    model = models.create(name, num_classes=2, **kw)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 37, 45, 3)), train=False))
+    twin = getattr(torch_reference, name)(num_classes=2, **kw).eval()
+    assert sum(p.numel() for p in twin.parameters()) == sum(
+        int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes["params"]))
+    with torch.no_grad():
+        out = twin(torch.zeros(1, 3, 37, 45))
+    assert out["out"].shape == (1, 2, 37, 45)
+    assert len(out.get("sides", ())) == (6 if name.startswith("u2net") else 0)
