@@ -70,9 +70,10 @@ def readme_table(results: list[dict]) -> str:
                      f"{ratio(r, 'eager')} | {ratio(r, 'compile')} | {r.get('card', r['device'])} |")
     loads = [r["load_average"][0] for r in results if r.get("load_average")]
     notes = ["", "JAX and PyTorch run in one process on the same device, so both see the same load. "
-             "Regenerate with `python experiments/benchmark.py --readme README.md --results DIR`."]
+             "Results: docs/bench_results/*.json; regenerate this table with "
+             "`python experiments/benchmark.py --readme README.md --results docs/bench_results`."]
     if loads:
-        notes.append(f"1-minute load average during the runs: {min(loads):.1f} to {max(loads):.1f}.")
+        notes.append(f"1-minute load average as each run finished: {min(loads):.1f} to {max(loads):.1f}.")
     if not any(r.get("platform") == "gpu" for r in results):
         notes.append("GPU figures are unmeasured so far: no GPU was available in the session that produced this table.")
     return "\n".join(lines + notes)
