@@ -246,6 +246,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mean = (0.485, 0.456, 0.406)
     c.std = (0.229, 0.224, 0.225)
     c.workers = 0                      # grain worker processes (0 = in the main process)
+    c.uint8_batches = False            # ship train images as uint8, normalise on the devices (less host CPU)
 
     c.batch_size = 32                  # global (all devices, all hosts); the seeds use 4 per GPU x 8
     c.eval_batch_size = 8

@@ -172,3 +172,39 @@ def test_torch_twins_match_segjax(name, kw):
         out = twin(torch.zeros(1, 3, 37, 45))
     assert out["out"].shape == (1, 2, 37, 45)
     assert len(out.get("sides", ())) == (6 if name.startswith("u2net") else 0)
+
+
+def test_uint8_batches_normalised_on_device_match_the_host_path(tmp_path):
+    """make_train_loader(uint8_images=True) + normalize_on_device gives the float32 batches (to rounding),
+    and a tiny training with config.uint8_batches ends where the float32 one does."""
+    import jax
+    import numpy as np
+
+    import tiny_model
+    from segjax import checkpoint, data
+    from segjax import config as config_lib
+    from segjax.data.pipeline import normalize_on_device
+    from segjax.train import train_and_evaluate
+
+    data.prepare("synthetic", str(tmp_path / "data"), image_size=24, num_train=16, num_val=8, progress=False)
+    source = data.open_source("synthetic", "train", str(tmp_path / "data"))
+    kw = dict(batch_size=4, crop_size=16, base_size=24, shard_index=0, shard_count=1, read_threads=1)
+    floats, uint8s = (iter(data.make_train_loader(source, uint8_images=u, **kw)) for u in (False, True))
+    normalize = jax.jit(normalize_on_device)
+    for _ in range(3):
+        a, b = next(floats), next(uint8s)
+        assert b["image"].dtype == np.uint8 and a["image"].dtype == np.float32
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+        np.testing.assert_allclose(np.asarray(normalize(b)["image"]), a["image"], rtol=0, atol=1e-6)
+
+    def run(uint8, workdir):
+        c = config_lib.load_config("synthetic_unet")
+        c.model, c.model_kwargs = tiny_model.NAME, {"features": 4}
+        c.data_dir, c.data_options = str(tmp_path / "data"), {"image_size": 24, "num_train": 16, "num_val": 8}
+        c.base_size, c.crop_size, c.batch_size, c.eval_batch_size = 24, 16, 4, 8
+        c.num_steps, c.eval_every_steps, c.log_every_steps, c.uint8_batches = 4, 4, 2, uint8
+        train_and_evaluate(c, str(tmp_path / workdir))
+        return jax.tree_util.tree_leaves(checkpoint.load_variables(str(tmp_path / workdir / "checkpoints" / "4"))[0])
+
+    for x, y in zip(run(False, "f32"), run(True, "u8"), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)

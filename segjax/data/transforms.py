@@ -80,8 +80,10 @@ def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, rows: int
 
 def train_transform(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, crop_size, base_size: int,
                     scale_range=(0.5, 2.0), hflip: bool = True, vflip: bool = False,
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[np.ndarray, np.ndarray]:
-    """-> (float32 (ch, cw, 3) normalised image, int32 (ch, cw) mask with 255 in padding)."""
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD, uint8: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """-> (float32 (ch, cw, 3) normalised image, int32 (ch, cw) mask with 255 in padding).
+
+    `uint8=True` returns the image un-normalised (uint8, C-contiguous) for normalising on the device."""
     ch, cw = pair(crop_size)
     shorter = int(rng.integers(int(scale_range[0] * base_size), int(scale_range[1] * base_size), endpoint=True))
     rh, rw = resized_shape(*mask.shape, shorter)
@@ -96,6 +98,8 @@ def train_transform(image: np.ndarray, mask: np.ndarray, rng: np.random.Generato
         out_img, out_msk = out_img[:, ::-1], out_msk[:, ::-1]
     if vflip and rng.random() < 0.5:
         out_img, out_msk = out_img[::-1], out_msk[::-1]
+    if uint8:
+        return np.ascontiguousarray(out_img), out_msk.astype(np.int32)
     return normalize(out_img, mean, std), out_msk.astype(np.int32)
 
 
