@@ -145,10 +145,11 @@ def test_import_without_conv_biases_and_mismatches():
         convert.from_torch("u2net", {"inc.double_conv.0.weight": np.zeros((64, 3, 3, 3), np.float32)})
 
 
-def test_u2netp_parity_with_torch_eval_and_train():
-    sd = random_state_dict(TABLES["u2netp"], seed=5, residual_gain=0.1)
-    variables = convert.from_torch("u2netp", sd)
-    model = models.create("u2netp", 1)
+@pytest.mark.parametrize("name", ["u2netp", "u2net"])
+def test_parity_with_torch_eval_and_train(name):
+    sd = random_state_dict(TABLES[name], seed=5, residual_gain=0.1)
+    variables = convert.from_torch(name, sd)
+    model = models.create(name, 1)
     x = np.random.default_rng(6).standard_normal((2, 67, 45, 3)).astype(np.float32)
 
     @jax.jit
