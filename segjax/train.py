@@ -91,7 +91,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, axis_name: str | 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Finite gradients can still give a non-finite update (e.g. a NaN learning rate): check both.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     new_state = state.replace(step=state.step + 1,
                               params=_where(ok, params, state.params),
                               opt_state=_where(ok, opt_state, state.opt_state),

@@ -66,7 +66,13 @@ def build_optimizer(config, total_steps: int, warmup_steps: int, param_names):
         schedule = schedules.cosine(config.learning_rate, total_steps, warmup_steps, config.warmup_factor)
     else:
         raise SegjaxError(f"config.schedule={config.schedule!r}: use 'poly' or 'cosine'")
-    lr_mult = {k: v for k, v in config.lr_mult.to_dict().items() if k in param_names}
+    lr_mult = config.lr_mult.to_dict()
+    # The default recipe boosts "aux_classifier" (torchvision: 10x); models without that head skip it.
+    unknown = sorted(k for k in lr_mult if k not in param_names and k != "aux_classifier")
+    if unknown:
+        raise SegjaxError(f"config.lr_mult names {', '.join(map(repr, unknown))}, which model {config.model} does "
+                          f"not have; its parameter groups are {', '.join(sorted(param_names))}")
+    lr_mult = {k: v for k, v in lr_mult.items() if k in param_names}
     tx = optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum, weight_decay=config.weight_decay,
                               lr_mult=lr_mult or None, grad_clip_norm=config.grad_clip_norm or None)
     return tx, schedule

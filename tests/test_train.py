@@ -70,6 +70,30 @@ def test_nonfinite_step_leaves_state_untouched(jitted_step):
     assert int(m["nonfinite"]) == 0 and np.isfinite(float(m["loss"]))
 
 
+def test_nonfinite_update_from_finite_gradients_is_caught_too():
+    """A NaN learning rate leaves loss and gradients finite but the update NaN: the step must not apply it."""
+    state, batch = tiny_state(lr=float("nan")), one_batch()
+    new, m = jax.jit(T.train_step)(state, batch, jax.random.PRNGKey(0))
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert int(m["nonfinite"]) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(new.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lr_mult_must_name_parameter_groups_of_the_model():
+    from segjax import config as config_lib, convert, models
+    from segjax.errors import SegjaxError
+    from segjax.trainer import build_optimizer
+
+    config = config_lib.load_config("deeplabv1_largefov_voc")
+    groups = set(convert.model_shapes(models.create(config.model, config.num_classes))["params"])
+    build_optimizer(config, 100, 10, groups)  # the recipe's own multipliers name real groups
+    with config.unlocked():
+        config.lr_mult = {"classifier": 10.0}  # deeplabv1's head is fc8: a silent no-op before
+    with pytest.raises(SegjaxError, match="'classifier'.*fc8"):
+        build_optimizer(config, 100, 10, groups)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_loss():
     state, batch = tiny_state(dtype=jnp.bfloat16, size=16, base=4), one_batch(size=16)
     new, m = jax.jit(T.train_step)(state, batch, jax.random.PRNGKey(0))

@@ -15,5 +15,5 @@ def get_config():
     c.num_steps = 6000
     c.base_size = 321
     c.crop_size = 321
-    c.lr_mult = {"classifier": 10.0}
+    c.lr_mult = {"fc8": 10.0}  # the classifier layer, 10x as in DeepLab
     return c
