@@ -133,13 +133,33 @@ def _add_convert(sub):
     p.add_argument("weights", help="input .pth / .safetensors (never unpickled with code execution)")
     p.add_argument("out_dir")
     p.add_argument("--num-classes", type=int, default=None, help="default: read off the weights")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="model_kwargs",
+                   help="a model option the weights can't tell, e.g. --set output_stride=16 (repeatable)")
     p.set_defaults(run=_run_convert)
+
+
+def _model_kwargs(pairs: list[str]) -> dict:
+    """['output_stride=16', 'bilinear=False'] -> {'output_stride': 16, 'bilinear': False}."""
+    import ast
+
+    kw = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise SegjaxError(f"--set {pair}: expected KEY=VALUE, e.g. --set output_stride=16")
+        try:
+            kw[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            kw[key] = raw  # a bare word is a string
+    return kw
 
 
 def _run_convert(args):
     from segjax import convert
 
-    kw = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    kw = _model_kwargs(args.model_kwargs)
+    if args.num_classes is not None:
+        kw["num_classes"] = args.num_classes
     with writes_to(args.out_dir, "output directory"):
         variables = convert.convert_file(args.name, args.weights, args.out_dir, **kw)
     import jax

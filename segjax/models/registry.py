@@ -1,6 +1,7 @@
 """Name -> builder registry. Builders are registered at import time by each family module."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from flax import linen as nn
@@ -27,7 +28,14 @@ def register(name: str, kind: str = "segmentation"):
 def create(name: str, num_classes: int, **kw) -> nn.Module:
     if name not in _BUILDERS:
         raise SegjaxError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
-    return _BUILDERS[name][0](num_classes=num_classes, **kw)
+    builder = _BUILDERS[name][0]
+    params = inspect.signature(builder).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kw) - set(params))
+        if unknown:
+            options = ", ".join(k for k in params if k != "num_classes")
+            raise SegjaxError(f"model {name!r} has no option {', '.join(unknown)}; its options: {options}")
+    return builder(num_classes=num_classes, **kw)
 
 
 def names(kind: str | None = "segmentation") -> list[str]:
