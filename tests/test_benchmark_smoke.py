@@ -23,7 +23,7 @@ def registered(*candidates):
     for name in (*candidates, *models.names()):
         if name in models.names():
             return name
-    pytest.skip("no segmentation model registered")
+    raise AssertionError(f"none of {candidates} is registered")
 
 
 def check_timing(r, batch, repeats):
@@ -85,11 +85,9 @@ def test_benchmark_smoke(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_benchmark_against_torchvision(tmp_path):
-    pytest.importorskip("torchvision")
     bench = load_benchmark()
     name = registered("lraspp_mobilenet_v3_large", "fcn_resnet50")
-    if name not in bench.TORCHVISION_SEGMENTATION:
-        pytest.skip("no torchvision-backed model registered")
+    assert name in bench.TORCHVISION_SEGMENTATION
     result = bench.main(["--model", name, "--size", "32", "--batch", "1", "--num-classes", "3", "--warmup", "0",
                          "--iters", "1", "--repeats", "1", "--torch", "--peak-tflops", "1.5"])
     jax_side, torch_side = result["jax"], result["torch"]
@@ -160,7 +158,7 @@ def test_torch_twins_match_segjax(name, kw):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    torch = pytest.importorskip("torch")
+    import torch
     import torch_reference
 
     model = models.create(name, num_classes=2, **kw)

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
+import torch
+import torchvision
 F = torch.nn.functional
 
 from segjax import models, nn as snn  # noqa: E402
