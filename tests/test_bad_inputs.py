@@ -20,7 +20,7 @@ from PIL import Image
 
 from segjax import checkpoint, cli
 from tests import tiny_model
-from tests.test_data_fixtures import H, W, add_member, image_array, make_archive, mask_array, write_voc
+from tests.test_data_fixtures import H, W, add_member, break_voc, image_array, make_archive, write_voc
 
 TINY = ["--config.model=" + tiny_model.NAME, "--config.model_kwargs={\"features\": 4}",
         "--config.data_options={\"image_size\": 24, \"num_train\": 8, \"num_val\": 4}",
@@ -208,22 +208,8 @@ def predict_out_is_a_file(env, tmp):
 def _voc(tmp, what=None):
     manual = tmp / "manual"
     write_voc(str(manual), ["2007_000001", "2007_000002", "2007_000003"], ["2007_000010"])
-    voc = manual / "VOCdevkit" / "VOC2012"
-    if what == "missing":
-        os.remove(voc / "JPEGImages" / "2007_000002.jpg")
-    elif what == "empty":
-        (voc / "ImageSets/Segmentation/val.txt").write_text("\n")
-    elif what == "size":
-        Image.fromarray(mask_array(0, H + 2, W)).save(voc / "SegmentationClass/2007_000001.png")
-    elif what == "labels":
-        m = mask_array(0)
-        m[3, 3] = 40
-        Image.fromarray(m, "L").save(voc / "SegmentationClass/2007_000001.png")
-    elif what == "rgb":
-        Image.fromarray(image_array(3)).save(voc / "SegmentationClass/2007_000001.png")
-    elif what == "truncated":
-        raw = (voc / "JPEGImages/2007_000003.jpg").read_bytes()
-        (voc / "JPEGImages/2007_000003.jpg").write_bytes(raw[: len(raw) // 2])
+    if what:
+        break_voc(manual, what)
     return ["data", "prepare", "voc2012", "--manual-dir", manual, "--data-dir", tmp / "d"], [manual]
 
 

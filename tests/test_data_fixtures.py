@@ -2,6 +2,7 @@
 plus checks that the fixtures themselves are what the builders expect."""
 import io
 import os
+import pathlib
 import tarfile
 import zlib
 
@@ -90,6 +91,28 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     out = io.BytesIO()
     img.save(out, format=fmt, **kw)
     return out.getvalue()
+
+
+def break_voc(manual, what: str) -> None:
+    """Damages a write_voc() tree the way users' data goes wrong (one `what` at a time)."""
+    voc = pathlib.Path(manual) / "VOCdevkit" / "VOC2012"
+    if what == "missing":
+        os.remove(voc / "JPEGImages" / "2007_000002.jpg")
+    elif what == "empty":
+        (voc / "ImageSets/Segmentation/val.txt").write_text("\n")
+    elif what == "size":
+        Image.fromarray(mask_array(0, H + 2, W)).save(voc / "SegmentationClass/2007_000001.png")
+    elif what == "labels":
+        m = mask_array(0)
+        m[3, 3] = 40
+        Image.fromarray(m, "L").save(voc / "SegmentationClass/2007_000001.png")
+    elif what == "rgb":
+        Image.fromarray(image_array(3)).save(voc / "SegmentationClass/2007_000001.png")
+    elif what == "truncated":
+        raw = (voc / "JPEGImages/2007_000003.jpg").read_bytes()
+        (voc / "JPEGImages/2007_000003.jpg").write_bytes(raw[: len(raw) // 2])
+    elif what == "corrupt":
+        (voc / "JPEGImages/2007_000003.jpg").write_bytes(b"this is not an image")
 
 
 def test_sbd_fixture_has_the_sbd_struct_layout(tmp_path):

@@ -7,7 +7,7 @@ from PIL import Image
 
 from segjax import data
 from segjax.errors import SegjaxError
-from test_data_fixtures import (H, W, add_member, encode, image_array, make_archive, mask_array, sbd_mask,
+from test_data_fixtures import (H, W, add_member, break_voc, encode, image_array, make_archive, sbd_mask,
                                 write_sbd, write_voc)
 
 VOC_TRAIN, VOC_VAL = ["2007_000001", "2007_000002", "2007_000003"], ["2007_000010", "2007_000011"]
@@ -104,27 +104,6 @@ def test_manual_dir_with_neither_folders_nor_archives(tmp_path):
         data.prepare("voc2012", data_dir=str(tmp_path / "d2"), manual_dir=None, progress=False)
 
 
-def _break(manual, what):
-    voc = manual / "VOCdevkit" / "VOC2012"
-    if what == "missing":
-        os.remove(voc / "JPEGImages" / "2007_000002.jpg")
-    elif what == "empty":
-        (voc / "ImageSets/Segmentation/val.txt").write_text("\n")
-    elif what == "size":
-        Image.fromarray(mask_array(0, H + 2, W)).save(voc / "SegmentationClass/2007_000001.png")
-    elif what == "labels":
-        m = mask_array(0)
-        m[3, 3] = 40
-        Image.fromarray(m, "L").save(voc / "SegmentationClass/2007_000001.png")
-    elif what == "rgb":
-        Image.fromarray(image_array(3)).save(voc / "SegmentationClass/2007_000001.png")
-    elif what == "truncated":
-        raw = (voc / "JPEGImages/2007_000003.jpg").read_bytes()
-        (voc / "JPEGImages/2007_000003.jpg").write_bytes(raw[: len(raw) // 2])
-    elif what == "corrupt":
-        (voc / "JPEGImages/2007_000003.jpg").write_bytes(b"this is not an image")
-
-
 @pytest.mark.parametrize("what, message, culprit", [
     ("missing", "listed in .* but missing", "2007_000002.jpg"),
     ("empty", "empty split", "val.txt"),
@@ -135,7 +114,7 @@ def _break(manual, what):
     ("corrupt", "corrupt or truncated", "2007_000003.jpg"),
 ])
 def test_bad_inputs_give_one_line_errors_naming_the_file(tmp_path, manual, what, message, culprit):
-    _break(manual, what)
+    break_voc(manual, what)
     with pytest.raises(SegjaxError, match=message) as e:
         prepare("voc2012", tmp_path, manual)
     assert culprit in str(e.value) and "\n" not in str(e.value)
