@@ -15,14 +15,10 @@ from segjax import models
 from segjax.convert import from_torch, layout_for, load_backbone, model_shapes, torch_to_flax
 from segjax.errors import SegjaxError
 from segjax.models.mobilenetv3 import MobileNetV3Features
+from tests.parity import rel_l2
 
 H, W = 97, 131
 RTOL = 1e-4
-
-
-def rel_l2(ours, ref):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> None:

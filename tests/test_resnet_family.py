@@ -19,16 +19,12 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from segjax import checkpoint, cli, convert, models
 from segjax.errors import SegjaxError
+from tests.parity import rel_l2
 
 H, W = 97, 131  # odd on purpose
 NUM_CLASSES = 5
 TORCHVISION_CLASSES = 21  # the published parameter counts are for VOC's 21 classes
 TOL = 1e-4
-
-
-def rel_l2(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def n_params(variables) -> int:

@@ -16,38 +16,15 @@ import torch.nn.functional as F
 
 from segjax import convert, models
 from segjax.errors import SegjaxError
+from tests.parity import random_state_dict, rel_l2
+
+# Scaling this BN's gain below 1 keeps a deep random net in train mode from amplifying fp32 rounding
+# ~1.3x per BatchNorm (100 of them), which would make any fp32 implementation, PyTorch's included,
+# differ from exact arithmetic by ~1e-4.
+RSU_LAST_BN = ".rebnconv1d.bn_s1.weight"
 
 TABLES = json.loads((pathlib.Path(__file__).parent / "fixtures" / "u2net_state_dict_shapes.json").read_text())
 DILATED = {"stage5", "stage6", "stage5d"}  # the RSU-4F stages
-
-
-def random_state_dict(table: dict, seed: int = 0, residual_gain: float = 1.0) -> dict[str, np.ndarray]:
-    """Random values with the original's key names and shapes; BN statistics away from the defaults.
-
-    `residual_gain` scales the last BN of each RSU's inner U (rebnconv1d): below 1 it keeps a deep
-    random net in train mode from amplifying fp32 rounding ~1.3x per BatchNorm (100 of them), which
-    would make any fp32 implementation, PyTorch's included, differ from exact arithmetic by ~1e-4.
-    """
-    rng = np.random.default_rng(seed)
-    sd = {}
-    for key, shape in table.items():
-        leaf = key.rsplit(".", 1)[1]
-        if leaf == "num_batches_tracked":
-            sd[key] = np.zeros(shape, np.int64)
-        elif leaf == "running_var" or (leaf == "weight" and len(shape) == 1):
-            gain = residual_gain if ".rebnconv1d.bn_s1.weight" in key else 1.0
-            sd[key] = (gain * rng.uniform(0.5, 1.5, shape)).astype(np.float32)
-        elif len(shape) == 4:
-            fan_in = shape[1] * shape[2] * shape[3]
-            sd[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-        else:  # biases, running means
-            sd[key] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    return sd
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ------------------------------------------------------------------------- reference forward (torch)
@@ -147,7 +124,7 @@ def test_import_without_conv_biases_and_mismatches():
 
 @pytest.mark.parametrize("name", ["u2netp", "u2net"])
 def test_parity_with_torch_eval_and_train(name):
-    sd = random_state_dict(TABLES[name], seed=5, residual_gain=0.1)
+    sd = random_state_dict(TABLES[name], seed=5, gain=0.1, gain_key=RSU_LAST_BN)
     variables = convert.from_torch(name, sd)
     model = models.create(name, 1)
     x = np.random.default_rng(6).standard_normal((2, 67, 45, 3)).astype(np.float32)
@@ -166,12 +143,12 @@ def test_parity_with_torch_eval_and_train(name):
     with torch.no_grad():
         ref_eval = [t.permute(0, 2, 3, 1).numpy() for t in torch_u2net(ref_sd, xt, train=False)]
         ref_train = [t.permute(0, 2, 3, 1).numpy() for t in torch_u2net(ref_sd, xt, train=True)]
-    assert max(rel(a, b) for a, b in zip(ours_eval, ref_eval)) < 1e-4
-    assert max(rel(a, b) for a, b in zip(ours_train, ref_train)) < 1e-4
-    assert rel(ours_eval[0], ref_train[0]) > 1e-2  # train and eval really differ: the check above has teeth
+    assert max(rel_l2(a, b) for a, b in zip(ours_eval, ref_eval)) < 1e-4
+    assert max(rel_l2(a, b) for a, b in zip(ours_train, ref_train)) < 1e-4
+    assert rel_l2(ours_eval[0], ref_train[0]) > 1e-2  # train and eval really differ: the check above has teeth
 
     ref_stats = convert.torch_to_flax({k: v.numpy() for k, v in ref_sd.items()})["batch_stats"]
     ours_flat = dict(jax.tree_util.tree_leaves_with_path(new_stats))
     ref_flat = dict(jax.tree_util.tree_leaves_with_path(ref_stats))
     assert ours_flat.keys() == ref_flat.keys()
-    assert max(rel(ours_flat[k], ref_flat[k]) for k in ref_flat) < 1e-4
+    assert max(rel_l2(ours_flat[k], ref_flat[k]) for k in ref_flat) < 1e-4

@@ -18,31 +18,9 @@ from segjax import convert, models
 from segjax import nn as snn
 from segjax.errors import SegjaxError
 from segjax.models.unet import pad_to
+from tests.parity import random_state_dict, rel_l2
 
 TABLES = json.loads((pathlib.Path(__file__).parent / "fixtures" / "unet_state_dict_shapes.json").read_text())
-
-
-def random_state_dict(table: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random values with the reference's key names and shapes; BN statistics away from the defaults."""
-    rng = np.random.default_rng(seed)
-    sd = {}
-    for key, shape in table.items():
-        leaf = key.rsplit(".", 1)[1]
-        if leaf == "num_batches_tracked":
-            sd[key] = np.zeros(shape, np.int64)
-        elif leaf == "running_var" or (leaf == "weight" and len(shape) == 1):
-            sd[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-        elif len(shape) == 4:
-            fan_in = shape[1] * shape[2] * shape[3]
-            sd[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-        else:  # biases, running means
-            sd[key] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    return sd
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ------------------------------------------------------------------------- reference forward (torch)
@@ -173,16 +151,16 @@ def test_parity_with_torch_eval_and_train(table):
     with torch.no_grad():
         ref_eval = torch_unet(ref_sd, xt, train=False).permute(0, 2, 3, 1).numpy()
         ref_train = torch_unet(ref_sd, xt, train=True).permute(0, 2, 3, 1).numpy()
-    assert rel(ours_eval, ref_eval) < 1e-4
-    assert rel(ours_train, ref_train) < 1e-4
-    assert rel(ours_eval, ref_train) > 1e-2  # train and eval really differ: the check above has teeth
+    assert rel_l2(ours_eval, ref_eval) < 1e-4
+    assert rel_l2(ours_train, ref_train) < 1e-4
+    assert rel_l2(ours_eval, ref_train) > 1e-2  # train and eval really differ: the check above has teeth
 
     ref_stats = convert.torch_to_flax({k: v.numpy() for k, v in ref_sd.items()},
                                       convert.layout_for("unet").rename)["batch_stats"]
     ours_flat = dict(jax.tree_util.tree_leaves_with_path(new_stats))
     ref_flat = dict(jax.tree_util.tree_leaves_with_path(ref_stats))
     assert ours_flat.keys() == ref_flat.keys()
-    assert max(rel(ours_flat[k], ref_flat[k]) for k in ref_flat) < 1e-4
+    assert max(rel_l2(ours_flat[k], ref_flat[k]) for k in ref_flat) < 1e-4
 
 
 def test_imports_a_single_channel_checkpoint():

@@ -18,14 +18,10 @@ from segjax import models, nn as snn  # noqa: E402
 from segjax.convert import from_torch, load_backbone, model_shapes  # noqa: E402
 from segjax.errors import SegjaxError  # noqa: E402
 from segjax.models import fcn_vgg  # noqa: E402
+from tests.parity import rel_l2
 
 VGG_ARCHS = ["vgg11", "vgg13", "vgg16", "vgg19"]
 SEG_NAMES = ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16", "deeplabv1_largefov_vgg16"]
-
-
-def rel_l2(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def count(tree):

@@ -1,0 +1,31 @@
+"""Helpers shared by the PyTorch parity tests."""
+import numpy as np
+
+
+def rel_l2(ours, ref) -> float:
+    """Relative L2 error ||ours - ref|| / ||ref||, in float64."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+def random_state_dict(table: dict, seed: int = 0, gain: float = 1.0, gain_key: str | None = None
+                      ) -> dict[str, np.ndarray]:
+    """Random values with a reference checkpoint's key names and shapes; BN statistics away from the defaults.
+
+    BN weights whose key contains `gain_key` are scaled by `gain` (see the U2-Net test for why).
+    """
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for key, shape in table.items():
+        leaf = key.rsplit(".", 1)[1]
+        if leaf == "num_batches_tracked":
+            sd[key] = np.zeros(shape, np.int64)
+        elif leaf == "running_var" or (leaf == "weight" and len(shape) == 1):
+            scale = gain if gain_key is not None and gain_key in key else 1.0
+            sd[key] = (scale * rng.uniform(0.5, 1.5, shape)).astype(np.float32)
+        elif len(shape) == 4:
+            fan_in = shape[1] * shape[2] * shape[3]
+            sd[key] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        else:  # biases, running means
+            sd[key] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    return sd
