@@ -1,7 +1,8 @@
-"""Compact PyTorch twins of segjax's UNet and U^2-Net, for throughput side by side (experiments/benchmark.py
-picks up a builder named like the segjax model). Written from the architectures as segjax/models documents
-them; the same layer widths, so parameter counts match segjax's exactly (tested), not a copy of the
-original repositories. Outputs follow segjax's contract: {"out": logits, "sides": [...]} in NCHW.
+"""Compact PyTorch twins of segjax models that torchvision lacks: UNet, U^2-Net, DeepLab v3+ (ResNet) and
+FCN-32s/16s/8s (VGG16), for throughput side by side (experiments/benchmark.py picks up a builder named like
+the segjax model). Written from the architectures as segjax/models documents them; the same layer widths,
+so parameter counts match segjax's exactly (tested), not a copy of the original repositories. Outputs
+follow segjax's contract: {"out": logits, "aux": ..., "sides": [...]} in NCHW.
 """
 from __future__ import annotations
 
@@ -144,3 +145,183 @@ def u2net(num_classes: int = 1, conv_bias: bool = True, **_) -> U2Net:
 
 def u2netp(num_classes: int = 1, conv_bias: bool = True, **_) -> U2Net:
     return U2Net(num_classes, U2NETP_ENCODER, U2NETP_DECODER, conv_bias)
+
+
+# ---------------------------------------------------------------------------------------------- DeepLab v3+
+
+def conv_bn_act(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
+    """Conv (no bias, "same" padding) + BN + ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation,
+                                   bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class AtrousPyramid(nn.Module):
+    """ASPP: a 1x1 branch, one 3x3 branch per rate, image pooling (1x1 conv + BN + ReLU on the global mean,
+    broadcast back); concatenated, projected by 1x1 conv + BN + ReLU, then dropout."""
+
+    def __init__(self, cin: int, rates, width: int = 256, dropout_rate: float = 0.1):
+        super().__init__()
+        self.branches = nn.ModuleList([conv_bn_act(cin, width, 1), *(conv_bn_act(cin, width, 3, r) for r in rates)])
+        self.image_pool = conv_bn_act(cin, width, 1)
+        self.project = conv_bn_act(width * (len(rates) + 2), width, 1)
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x):
+        pooled = self.image_pool(x.mean(dim=(2, 3), keepdim=True)).expand(-1, -1, *x.shape[2:])
+        return self.dropout(self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1)))
+
+
+class AuxHead(nn.Sequential):
+    """3x3 conv to a quarter of the channels + BN + ReLU, dropout, 1x1 classifier (with bias)."""
+
+    def __init__(self, cin: int, num_classes: int, dropout_rate: float = 0.1):
+        super().__init__(conv_bn_act(cin, cin // 4, 3), nn.Dropout(dropout_rate), nn.Conv2d(cin // 4, num_classes, 1))
+
+
+class DeepLabV3Plus(nn.Module):
+    """ResNet (torchvision's, dilated to the output stride) -> ASPP on layer4; decoder: layer1 projected to
+    48 ch, the ASPP output resized to layer1's size, concatenated, two 3x3 conv(256) + BN + ReLU, a 1x1
+    classifier, and a bilinear resize (align_corners=False) to the input size. Aux head on layer3."""
+
+    RATES = {8: (12, 24, 36), 16: (6, 12, 18)}
+    DILATE = {8: [False, True, True], 16: [False, False, True]}
+
+    def __init__(self, depth: int, num_classes: int, aux: bool = False, output_stride: int = 16,
+                 dropout_rate: float = 0.1, aux_dropout_rate: float | None = None):
+        super().__init__()
+        import torchvision
+
+        resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None,
+                                                               replace_stride_with_dilation=self.DILATE[output_stride])
+        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+        self.aspp = AtrousPyramid(2048, self.RATES[output_stride], 256, dropout_rate)
+        self.low_project = conv_bn_act(256, 48, 1)
+        self.decoder = nn.Sequential(conv_bn_act(256 + 48, 256, 3), conv_bn_act(256, 256, 3))
+        self.logits = nn.Conv2d(256, num_classes, 1)
+        if aux_dropout_rate is None:
+            aux_dropout_rate = 0.1 if dropout_rate > 0 else 0.0
+        self.aux = AuxHead(1024, num_classes, aux_dropout_rate) if aux else None
+
+    def forward(self, x):
+        low = self.layer1(self.stem(x))
+        mid = self.layer3(self.layer2(low))
+        high = self.aspp(self.layer4(mid))
+        low = self.low_project(low)
+        y = torch.cat([_resize_to(high, low.shape[2:]), low], 1)
+        out = {"out": _resize_to(self.logits(self.decoder(y)), x.shape[2:])}
+        if self.aux is not None:
+            out["aux"] = _resize_to(self.aux(mid), x.shape[2:])
+        return out
+
+
+def _resize_to(x, size):
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def deeplabv3plus_resnet50(num_classes: int = 21, aux: bool = False, output_stride: int = 16,
+                           dropout_rate: float = 0.1, aux_dropout_rate: float | None = None, **_) -> DeepLabV3Plus:
+    return DeepLabV3Plus(50, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate)
+
+
+def deeplabv3plus_resnet101(num_classes: int = 21, aux: bool = False, output_stride: int = 16,
+                            dropout_rate: float = 0.1, aux_dropout_rate: float | None = None, **_) -> DeepLabV3Plus:
+    return DeepLabV3Plus(101, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate)
+
+
+# ---------------------------------------------------------------------------------------------- FCN (VGG16)
+
+VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+
+def bilinear_filter(channels: int, size: int) -> torch.Tensor:
+    """A ConvTranspose2d weight (in, out, k, k) that upsamples each channel bilinearly by itself."""
+    factor = (size + 1) // 2
+    centre = factor - 1 if size % 2 else factor - 0.5
+    taps = 1 - (torch.arange(size, dtype=torch.float64) - centre).abs() / factor
+    weight = torch.zeros(channels, channels, size, size, dtype=torch.float64)
+    weight[range(channels), range(channels)] = torch.outer(taps, taps)
+    return weight.float()
+
+
+class FCNVGG16(nn.Module):
+    """FCN-`stride`s as the voc-fcn nets: VGG16 body whose first conv pads 100 and whose max-pools round up;
+    fc6 (7x7, 4096, unpadded) and fc7 (1x1, 4096) with ReLU and dropout; 1x1 score layers (zero init);
+    bias-free transposed-conv upsamplers initialised bilinear; the skips and the output cropped at fixed
+    offsets (pool4 5, pool3 9; final 19 / 27 / 31 for 32s / 16s / 8s)."""
+
+    FINAL_OFFSET = {32: 19, 16: 27, 8: 31}
+
+    def __init__(self, num_classes: int, stride: int = 8, dropout_rate: float = 0.5):
+        super().__init__()
+        self.stride = stride
+        self.stages, cin = nn.ModuleList(), 3
+        for s, widths in enumerate(VGG16_STAGES):
+            layers = []
+            for k, width in enumerate(widths):
+                layers += [nn.Conv2d(cin, width, 3, padding=100 if s == k == 0 else 1), nn.ReLU(inplace=True)]
+                cin = width
+            self.stages.append(nn.Sequential(*layers, nn.MaxPool2d(2, 2, ceil_mode=True)))
+        self.fc = nn.Sequential(nn.Conv2d(512, 4096, 7), nn.ReLU(inplace=True), nn.Dropout(dropout_rate),
+                                nn.Conv2d(4096, 4096, 1), nn.ReLU(inplace=True), nn.Dropout(dropout_rate))
+        c = num_classes
+        self.score_fr = self._score(4096, c)
+        if stride == 32:
+            self.upscore = self._upscore(c, 64, 32)
+        else:
+            self.upscore2, self.score_pool4 = self._upscore(c, 4, 2), self._score(512, c)
+            if stride == 16:
+                self.upscore16 = self._upscore(c, 32, 16)
+            else:
+                self.upscore_pool4, self.score_pool3 = self._upscore(c, 4, 2), self._score(256, c)
+                self.upscore8 = self._upscore(c, 16, 8)
+
+    @staticmethod
+    def _score(cin: int, c: int) -> nn.Conv2d:
+        conv = nn.Conv2d(cin, c, 1)
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
+        return conv
+
+    @staticmethod
+    def _upscore(c: int, kernel: int, stride: int) -> nn.ConvTranspose2d:
+        up = nn.ConvTranspose2d(c, c, kernel, stride=stride, bias=False)
+        with torch.no_grad():
+            up.weight.copy_(bilinear_filter(c, kernel))
+        return up
+
+    def forward(self, x):
+        h, w = x.shape[2:]
+        pools, y = [], x
+        for stage in self.stages:
+            y = stage(y)
+            pools.append(y)
+
+        def crop(t, offset, size):
+            return t[:, :, offset:offset + size[0], offset:offset + size[1]]
+
+        y = self.score_fr(self.fc(y))
+        if self.stride == 32:
+            y = self.upscore(y)
+        else:
+            y = self.upscore2(y)
+            y = y + crop(self.score_pool4(pools[3]), 5, y.shape[2:])
+            if self.stride == 16:
+                y = self.upscore16(y)
+            else:
+                y = self.upscore_pool4(y)
+                y = y + crop(self.score_pool3(pools[2]), 9, y.shape[2:])
+                y = self.upscore8(y)
+        return {"out": crop(y, self.FINAL_OFFSET[self.stride], (h, w))}
+
+
+def fcn32s_vgg16(num_classes: int = 21, dropout_rate: float = 0.5, **_) -> FCNVGG16:
+    return FCNVGG16(num_classes, 32, dropout_rate)
+
+
+def fcn16s_vgg16(num_classes: int = 21, dropout_rate: float = 0.5, **_) -> FCNVGG16:
+    return FCNVGG16(num_classes, 16, dropout_rate)
+
+
+def fcn8s_vgg16(num_classes: int = 21, dropout_rate: float = 0.5, **_) -> FCNVGG16:
+    return FCNVGG16(num_classes, 8, dropout_rate)
