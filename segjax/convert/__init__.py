@@ -30,6 +30,15 @@ from segjax.errors import SegjaxError
 Rename = Callable[[str], "str | None"]
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def caffe_normalisation(mean_bgr: tuple[float, float, float]) -> dict:
+    """mean/std (RGB, 0-1 scale) for caffe weights, which take BGR 0-255 images minus `mean_bgr`: with the
+    first conv's input channels reversed at conversion, (x_rgb01 - mean) / std is the caffe input."""
+    return {"mean": tuple(m / 255.0 for m in reversed(mean_bgr)), "std": (1 / 255.0,) * 3}
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How one reference's checkpoints map onto a family of our models."""
@@ -43,24 +52,79 @@ class Layout:
     backbone_prepare: Callable[[Mapping[str, np.ndarray]], dict] | None = None
     # The key of the first conv's weight, whose dim 1 is the number of input channels (default 3).
     input_conv: str | None = None
+    # Where a model has several layouts: whether a state_dict is in this one (None: the default layout).
+    matches: Callable[[Mapping[str, np.ndarray]], bool] | None = None
+    # Conversion options (`--set KEY=VALUE`, not model options) and the value rewrite that takes them,
+    # applied before renaming: prepare(state_dict, **options) -> state_dict.
+    options: tuple[str, ...] = ()
+    prepare: Callable[..., dict] | None = None
+    # The weights' own input normalisation (RGB, 0-1 scale); bgr: caffe weights, whose first conv
+    # (input_conv) gets its input channels reversed so that the model takes RGB.
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    bgr: bool = False
+    # What the layout reads, for messages and segjax.json (e.g. "wkentaro/pytorch-fcn").
+    reference: str = ""
 
 
-_LAYOUTS: dict[str, Layout] = {}
+_LAYOUTS: dict[str, list[Layout]] = {}
 
 
 def register_layout(names: str | list[str], layout: Layout) -> None:
+    """Adds a layout for these models; the first one registered without `matches` is the default."""
     for name in [names] if isinstance(names, str) else names:
-        _LAYOUTS[name] = layout
+        _LAYOUTS.setdefault(name, []).append(layout)
 
 
-def layout_for(name: str) -> Layout:
-    return _LAYOUTS.get(name, Layout())
+def layout_for(name: str, state_dict: Mapping[str, np.ndarray] | None = None) -> Layout:
+    """The layout of `name` that recognises `state_dict` (by its keys), else the model's default layout."""
+    layouts = _LAYOUTS.get(name, [])
+    if state_dict is not None:
+        for layout in layouts:
+            if layout.matches is not None and layout.matches(state_dict):
+                return layout
+    return next((layout for layout in layouts if layout.matches is None), Layout())
 
 
 # ------------------------------------------------------------------------------------- loading
 
+# Training checkpoints wrap their weights: VainF's {"model_state", "optimizer_state", "cur_itrs",
+# "best_score"}, jfzhang95's {"epoch", "state_dict", "optimizer", "best_pred"}, mmseg's
+# {"state_dict", "meta"}, {"model": ...}. The first of these keys that holds tensors is the state_dict.
+WRAPPER_KEYS = ("model_state", "state_dict", "model", "model_state_dict", "net")
+
+
+def numpy_safe_globals() -> list:
+    """What `torch.load(weights_only=True)` may build beyond tensors: numpy scalars (a best score, an
+    iteration count) and the dtypes they are made of. Only these constructors: nothing that runs code.
+
+    numpy 1.x pickles spell the scalar constructor numpy.core.multiarray.scalar, numpy 2 pickles
+    numpy._core.multiarray.scalar; both names map to this numpy's constructor.
+    """
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import scalar
+    allowed: list = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+                     (np.dtype, "numpy.dtype")]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25: one class per dtype, restored by BUILD
+    if dtypes is not None:
+        for kind in ("Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64",
+                     "Float16", "Float32", "Float64", "LongDouble", "Complex64", "Complex128", "CLongDouble",
+                     "Byte", "UByte", "Short", "UShort", "Int", "UInt", "Long", "ULong", "LongLong", "ULongLong"):
+            cls = getattr(dtypes, kind + "DType", None)
+            if cls is not None:
+                allowed += [cls, (cls, f"numpy.dtypes.{kind}DType")]
+    return allowed
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a .pth/.pt (weights only: no pickled code runs) or .safetensors file into numpy arrays."""
+    """Reads a .pth/.pt (weights only: no pickled code runs) or .safetensors file into numpy arrays.
+
+    Training checkpoints are unwrapped (WRAPPER_KEYS) and DataParallel's `module.` prefix dropped;
+    their other entries (epoch, optimizer state, numpy scores) are read, through the allowlist of
+    `numpy_safe_globals`, and ignored. A file without weights is an error, never an empty dict.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise SegjaxError(f"{path}: no such weights file")
@@ -72,31 +136,105 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except ImportError as e:
         raise SegjaxError(f"{path}: reading .pth needs PyTorch; pip install 'segjax[convert]'") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses any pickle that would build arbitrary objects
-        raise SegjaxError(f"{path}: not a plain weights file ({_why_refused(e)}); save it with "
+        raise SegjaxError(f"{path}: not a plain weights file ({_why_refused(e, path)}); save it with "
                           f"torch.save(model.state_dict(), path)") from None
-    for key in ("state_dict", "model", "model_state_dict"):  # common training-checkpoint wrappers
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
+    return _weights_in(obj, path)
+
+
+def _is_tensor(v) -> bool:
+    return hasattr(v, "detach") and hasattr(v, "is_floating_point")
+
+
+def _weights_in(obj, path: str) -> dict[str, np.ndarray]:
+    """The state_dict inside a loaded object: the object itself if it holds tensors, else its wrapper entry."""
+    if not isinstance(obj, Mapping):
         raise SegjaxError(f"{path}: holds a {type(obj).__name__}, not a state_dict")
+    if not any(_is_tensor(v) for v in obj.values()):
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)
+                      and any(_is_tensor(v) for v in obj[k].values())), None)
+        if inner is None:
+            keys = ", ".join(map(str, list(obj)[:6])) or "none"
+            raise SegjaxError(f"{path}: no weights found (no tensors at the top level, nor under "
+                              f"{'/'.join(WRAPPER_KEYS)}; its keys: {keys}); pass a state_dict file")
+        obj = inner
     out = {}
     for k, v in obj.items():
-        if hasattr(v, "detach"):
+        if _is_tensor(v):
             k = k[len("module."):] if k.startswith("module.") else k  # DataParallel / DDP prefix
-            out[k] = v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+            v = v.detach().cpu()
+            out[k] = v.float().numpy() if v.is_floating_point() else v.numpy()
     return out
 
 
-def _why_refused(e: Exception) -> str:
-    """The one useful line of torch's weights-only refusal (which global it refused), without its ANSI codes."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+def _why_refused(e: Exception, path: str) -> str:
+    """Which global the weights-only load refused (read off the pickle itself, so it does not depend on
+    torch's wording), else the first line of torch's message without its ANSI codes."""
+    refused = _refused_global(path)
+    if refused is None:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        match = re.search(r"GLOBAL ([\w.]+)", text)
+        refused = match[1] if match else None
     if refused:
-        return f"it pickles {refused[1]}, which is never loaded"
+        return f"it pickles {refused}, which is never loaded"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0][:200] if lines else type(e).__name__
+
+
+def _pickles(path: str) -> list[bytes]:
+    """The pickle streams of a torch file: data.pkl of the zip format, or the legacy file as a whole."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return [z.read(n) for n in z.namelist() if n.endswith("data.pkl")]
+    with open(path, "rb") as f:
+        return [f.read()]
+
+
+def _refused_global(path: str) -> str | None:
+    """The first global in the file that neither torch's weights-only loader nor our allowlist builds."""
+    import io
+    import pickletools
+
+    try:
+        from torch import _weights_only_unpickler as wou
+        allowed = set(wou._get_allowed_globals())
+    except Exception:  # private API moved: fall back to torch's message
+        return None
+    allowed |= {a[1] if isinstance(a, tuple) else f"{a.__module__}.{a.__qualname__}" for a in numpy_safe_globals()}
+    try:
+        for blob in _pickles(path):
+            stream = io.BytesIO(blob)
+            while stream.tell() < len(blob):  # legacy files hold several pickles back to back
+                strings, memo, last, n_memo = [], {}, None, 0  # last: the string on top of the stack, if any
+                for op, arg, _ in pickletools.genops(stream):
+                    if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                        strings.append(arg)
+                        last = arg
+                        continue
+                    if op.name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):
+                        index, n_memo = (n_memo, n_memo + 1) if op.name == "MEMOIZE" else (arg, n_memo)
+                        if last is not None:
+                            memo[index] = last
+                        continue
+                    last = None
+                    if op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
+                        strings.append(memo[arg])
+                        last = memo[arg]
+                    name = None
+                    if op.name in ("GLOBAL", "INST"):
+                        name = ".".join(arg.split(" ", 1))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        name = f"{strings[-2]}.{strings[-1]}"
+                    if name is not None and name not in allowed:
+                        return name
+    except Exception:  # not a pickle we can read: torch's message says the rest
+        return None
+    return None
 
 
 # ------------------------------------------------------------------------------------- mapping
@@ -196,27 +334,54 @@ def model_shapes(model, image_size: int = 64, in_channels: int = 3) -> dict:
 
 # ------------------------------------------------------------------------------------- public API
 
-def from_torch(name: str, state_dict: Mapping[str, np.ndarray], **model_kw) -> dict:
-    """Converts a PyTorch state_dict for model `name` to Flax variables, checked against the model.
-
-    `model_kw` go to `segjax.models.create`; what the layout can read off the state dict
-    (num_classes, aux, ...) is inferred where not given.
-    """
+def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray], **kw) -> tuple[dict, dict]:
+    """(variables, meta) for model `name`: the layout that recognises the state_dict converts it, and
+    meta holds what `segjax.json` records (model, model_kwargs, num_classes, mean, std, ...)."""
     from segjax import models
 
-    layout = layout_for(name)
-    kw = dict(layout.infer_kwargs(state_dict)) if layout.infer_kwargs else {}
-    kw.update(model_kw)
+    layout = layout_for(name, state_dict)
+    options = {k: kw.pop(k) for k in layout.options if k in kw}
+    inferred = dict(layout.infer_kwargs(state_dict)) if layout.infer_kwargs else {}
+    kw = {**inferred, **kw}
     if "num_classes" not in kw:
         raise SegjaxError(f"from_torch({name!r}): pass num_classes=...; it cannot be read off this state_dict")
     model = models.create(name, **kw)
+    if layout.prepare is not None:
+        state_dict = layout.prepare(state_dict, **options)
+    if layout.bgr:
+        if layout.input_conv not in state_dict:
+            raise SegjaxError(f"state_dict has no {layout.input_conv!r}: not a {layout.reference} checkpoint")
+        state_dict = {**state_dict, layout.input_conv: np.asarray(state_dict[layout.input_conv])[:, ::-1]}
     variables = torch_to_flax(state_dict, layout.rename)
     in_channels = 3
     if layout.input_conv and layout.input_conv in state_dict:
         in_channels = int(np.shape(state_dict[layout.input_conv])[1])
     target = model_shapes(model, in_channels=in_channels)
     check_fits(variables, target, f"state_dict for {name} (num_classes={kw['num_classes']})")
-    return {k: variables.get(k, {}) for k in target}
+    meta = {"model": name, "model_kwargs": json_kwargs(kw), "num_classes": int(kw["num_classes"]),
+            "mean": list(layout.mean), "std": list(layout.std)}
+    if layout.reference:
+        meta["layout"] = layout.reference
+    if options:
+        meta["conversion"] = json_kwargs(options)
+    return {k: variables.get(k, {}) for k in target}, meta
+
+
+def json_kwargs(kw: Mapping[str, Any]) -> dict:
+    """Model kwargs as JSON stores them (tuples become lists: the builders accept both)."""
+    import json
+    return json.loads(json.dumps(dict(kw), default=str))
+
+
+def from_torch(name: str, state_dict: Mapping[str, np.ndarray], **model_kw) -> dict:
+    """Converts a PyTorch state_dict for model `name` to Flax variables, checked against the model.
+
+    `model_kw` go to `segjax.models.create`; what the layout can read off the state dict
+    (num_classes, aux, ...) is inferred where not given. The layout is recognised from the keys;
+    a layout's conversion options (e.g. `atonce=True` for FCN-8s at-once) are taken from `model_kw`.
+    Caffe weights come out taking RGB: normalise inputs with `convert_state_dict`'s mean/std.
+    """
+    return convert_state_dict(name, state_dict, **model_kw)[0]
 
 
 def load_backbone(name: str, variables: Mapping, state_dict: Mapping[str, np.ndarray]) -> dict:
@@ -243,15 +408,23 @@ def load_backbone(name: str, variables: Mapping, state_dict: Mapping[str, np.nda
 
 
 def convert_file(name: str, in_path: str, out_dir: str, **model_kw) -> dict:
-    """`segjax convert`: reads a weights file, converts it, and writes a segjax checkpoint to out_dir."""
+    """`segjax convert`: reads a weights file, converts it, and writes a segjax checkpoint to out_dir.
+
+    Nothing is written unless the conversion succeeds; a failed write removes the directory it created.
+    """
+    import shutil
+
     from segjax import checkpoint
 
-    state_dict = load_state_dict(in_path)
-    layout = layout_for(name)
-    kw = dict(layout.infer_kwargs(state_dict)) if layout.infer_kwargs else {}
-    kw.update(model_kw)
-    variables = from_torch(name, state_dict, **kw)
-    checkpoint.save_variables(out_dir, variables, {"model": name, "model_kwargs": kw, "source": os.fspath(in_path)})
+    variables, meta = convert_state_dict(name, load_state_dict(in_path), **model_kw)
+    meta["source"] = os.fspath(in_path)
+    created = not os.path.exists(out_dir)
+    try:
+        checkpoint.save_variables(out_dir, variables, meta)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return variables
 
 
