@@ -211,6 +211,8 @@ def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise bad(key, f"choose one of {', '.join(allowed)}")
+    if not isinstance(config.compilation_cache, bool):
+        raise bad("compilation_cache", "must be true or false")
     if config.num_classes < 1 or (config.task == "saliency" and config.num_classes != 1):
         raise bad("num_classes", "must be >= 1 (1 for the saliency task)")
     from segjax import models
@@ -271,6 +273,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.class_weights = ()               # () = unweighted
 
     c.seed = 0
+    c.compilation_cache = True         # JAX's persistent cache: $SEGJAX_COMPILATION_CACHE or ~/.cache/segjax/jax_cache
     c.log_every_steps = 10
     c.eval_every_steps = 0             # 0 = once per epoch
     c.keep_checkpoints = 2             # latest k, plus the best by best_metric

@@ -13,6 +13,7 @@ BatchNorm statistics untouched for that step (and is reported in the metrics as 
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Callable
 
 import jax
@@ -133,6 +134,15 @@ class DataParallel:
                                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
         self.eval_step = jax.jit(functools.partial(eval_step, scales=tuple(scales), flip=flip),
                                  in_shardings=(self.replicated, self.data), out_shardings=self.replicated)
+        self.compiled: dict = {}  # "train" / "eval" -> {"<kind>_compile_s": seconds, "cache_hit": bool}
+
+    def compile_ahead(self, kind: str, *args) -> dict | None:
+        """Compiles the "train" or "eval" step for `args` before its first call (which then reuses the
+        executable), timing it; only the first time per kind: returns the new entry of `compiled`, else None."""
+        if kind in self.compiled:
+            return None
+        self.compiled[kind] = compile_timed(self.train_step if kind == "train" else self.eval_step, *args, kind=kind)
+        return self.compiled[kind]
 
     def put_state(self, state: TrainState) -> TrainState:
         return jax.device_put(state, self.replicated)
@@ -143,6 +153,26 @@ class DataParallel:
 
     def put_replicated(self, x):
         return jax.device_put(x, self.replicated)
+
+
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_cache_hits = [0, False]  # hits so far in this process, listener registered
+
+
+def _count_cache_hit(event: str, **kwargs) -> None:
+    if event == _CACHE_HIT:
+        _cache_hits[0] += 1
+
+
+def compile_timed(jitted, *args, kind: str = "step") -> dict:
+    """Traces, lowers and compiles `jitted` for `args`: {"<kind>_compile_s": wall seconds, "cache_hit":
+    whether JAX's persistent compilation cache supplied the executable}."""
+    if not _cache_hits[1]:
+        jax.monitoring.register_event_listener(_count_cache_hit)
+        _cache_hits[1] = True
+    hits, t0 = _cache_hits[0], time.perf_counter()
+    jitted.lower(*args).compile()
+    return {f"{kind}_compile_s": time.perf_counter() - t0, "cache_hit": _cache_hits[0] > hits}
 
 
 def make_loss_fn(kind: str, num_classes: int, aux_weight: float = 0.5, dice_weight: float = 1.0,

@@ -147,7 +147,10 @@ def evaluate_dataset(parallel, state, loader, task: str) -> dict:
 
     total, running = None, None
     for batch in _then_none(loader):  # a batch's sums are fetched once the next batch is dispatched
-        previous, running = running, (None if batch is None else parallel.eval_step(state, parallel.put_batch(batch)))
+        if batch is not None:
+            batch = parallel.put_batch(batch)
+            parallel.compile_ahead("eval", state, batch)  # timed, the first time only (parallel.compiled)
+        previous, running = running, (None if batch is None else parallel.eval_step(state, batch))
         if previous is None:
             continue
         sums = jax.device_get(previous)
@@ -252,8 +255,11 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
 
     def do_eval(step):
         nonlocal scores, last_eval
+        compiled = "eval" in parallel.compiled
         scores = evaluate_dataset(parallel, state, eval_loader(), config.task)
         writer.write(step, "eval", scores)
+        if not compiled:
+            writer.write(step, "compile", parallel.compiled["eval"])
         last_eval = step
         return {config.best_metric: float(scores[config.best_metric])}
 
@@ -272,9 +278,11 @@ def _run(config, workdir: str, stop: StopRequest) -> dict:
     stop.deferred = True  # from here a signal finishes the step and checkpoints
     try:
         while step < stop_at and not _stop_requested(stop, step, min(config.log_every_steps, 10)):
-            batch = next(train_iter)
-            state, m = parallel.train_step(state, batch,  # already on the devices (DevicePrefetch)
-                                           jax.random.fold_in(state.rng, step))
+            batch = next(train_iter)  # already on the devices (DevicePrefetch)
+            step_rng = jax.random.fold_in(state.rng, step)
+            if step == start:  # compiled ahead of the first call, so that its seconds are logged apart
+                writer.write(step + 1, "compile", parallel.compile_ahead("train", state, batch, step_rng))
+            state, m = parallel.train_step(state, batch, step_rng)
             pending.append((step, m))
             step += 1
             n_log += config.batch_size

@@ -7,7 +7,7 @@ Environment (test-only; nothing here is imported by segjax itself):
       write the file $SEGJAX_TEST_MARKER and wait there until "$SEGJAX_TEST_MARKER.go" exists (or 60 s),
       so a test can send a signal or SIGKILL at exactly that point. POINTs:
         setup        before the model is built (data ready, no step yet)
-        compile      before the first train-step call (which compiles it)
+        compile      before the train step is compiled (ahead of its first call)
         data         inside next(train iterator)
         eval         before an evaluation pass
         checkpoint   before TrainCheckpoints.save
@@ -72,6 +72,13 @@ def _install_hooks() -> None:
                 calls.append(1)
                 _pause("compile")
             return step_fn(*args)
+
+        def lower(*args):  # the trainer compiles the step ahead of its first call
+            if not calls:
+                calls.append(1)
+                _pause("compile")
+            return step_fn.lower(*args)
+        first_call_pauses.lower = lower
         self.train_step = first_call_pauses
     train.DataParallel.__init__ = parallel_init
 
