@@ -57,7 +57,7 @@ def _add_train(sub):
     p = sub.add_parser("train", help="train a recipe (default: a small UNet on the synthetic data set)",
                        epilog="Override any recipe key with --config.KEY=VALUE, e.g. --config.batch_size=8.")
     p.add_argument("--config", default=None, help="a config file with get_config(), or a recipe name "
-                   "under experiments/configs/ (default: synthetic_unet)")
+                   "under segjax/configs/ (default: synthetic_unet)")
     p.add_argument("--workdir", default=None, help="default: ./runs/<recipe name>; an existing workdir resumes")
     multi = p.add_argument_group("multi-process (every process runs the same command; see docs/multihost.md)")
     multi.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",

@@ -16,12 +16,12 @@ import ml_collections
 
 from segjax.errors import SegjaxError
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # the recipes, inside the package
 DEFAULT_RECIPE = "synthetic_unet"
 
 
 def recipe_path(name_or_path: str) -> str:
-    """A config file path, or a recipe name under experiments/configs/."""
+    """A config file path, or a recipe name under segjax/configs/."""
     if os.path.isfile(name_or_path):
         return name_or_path
     candidate = os.path.join(CONFIG_DIR, name_or_path + ".py")
