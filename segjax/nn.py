@@ -8,14 +8,17 @@ Conventions every model in `segjax.models` follows:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax.linen.dtypes import promote_dtype
 
 Dtype = Any
 Array = jax.Array
@@ -25,23 +28,252 @@ def pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+# torchvision's ResNet/MobileNet/segmentation heads use kaiming_normal_(mode="fan_out", relu).
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+# ----------------------------------------------------------------------------------------- convolution
+#
+# How a convolution is lowered. XLA hands window-dilated (atrous) and base-dilated (transposed)
+# forward convolutions to a slow generic path on GPU (it materialises the dilation) and, on CPU,
+# runs depthwise and transposed convolutions far below the dense-conv rate. Every conv of every
+# model goes through `conv` / `conv_transpose` below, which rewrite them as dense convolutions:
+#   - dead taps trimmed: kernel rows/columns that can only ever read zero padding (known from the
+#     static shapes) are dropped, so an ASPP rate of 24 on a 16 px map is a 1x1 conv;
+#   - space-to-batch (TensorFlow's atrous_conv2d): the rate x rate phases of the padded input go
+#     into the batch, a dense conv runs on them, and they are interleaved back;
+#   - sub-pixel transposed conv: a stride-s transposed conv is s*s small dense convs on the
+#     undilated input (one conv with s*s*out channels) followed by depth-to-space;
+#   - depthwise k x k as k*k shifted multiply-adds, which XLA fuses into one loop.
+# SEGJAX_CONV=native|dense|auto (default auto) picks the method process-wide; docs/benchmarks.md
+# gives the measurements behind `auto`.
+
+CONV_METHODS = ("native", "dense", "auto")
+
+
+_LOWERING: dict = {}  # set by `conv_lowering` (tests, benchmarks); otherwise $SEGJAX_CONV decides
+
+
+def conv_method() -> str:
+    """The process-wide lowering: `conv_lowering`'s, else $SEGJAX_CONV's (read at trace time: set it before jit)."""
+    method = _LOWERING.get("method") or os.environ.get("SEGJAX_CONV", "auto").strip().lower() or "auto"
+    if method not in CONV_METHODS:
+        raise ValueError(f"SEGJAX_CONV={method!r}: use one of {', '.join(CONV_METHODS)}")
+    return method
+
+
+@contextlib.contextmanager
+def conv_lowering(method: str | None = None, backend: str | None = None):
+    """Trace convolutions as `method` would lower them on `backend` (e.g. "gpu" from a CPU host)."""
+    saved = dict(_LOWERING)
+    _LOWERING.update({k: v for k, v in (("method", method), ("backend", backend)) if v is not None})
+    try:
+        yield
+    finally:
+        _LOWERING.clear()
+        _LOWERING.update(saved)
+
+
+def conv_plan(method: str | None = None, backend: str | None = None) -> dict:
+    """What each kind of conv lowers to under `method` on `backend` (default: the current ones).
+
+    atrous: "native" (rhs_dilation), "trim" (dead taps dropped, the rest native) or
+    "dense" (trim + space-to-batch); transposed: "native" (lhs_dilation) or "subpixel";
+    depthwise: "native" (grouped conv) or "shifted" (multiply-adds).
+    """
+    method = method or conv_method()
+    if method not in CONV_METHODS:
+        raise ValueError(f"conv method {method!r}: use one of {', '.join(CONV_METHODS)}")
+    backend = backend or _LOWERING.get("backend") or jax.default_backend()
+    if method == "native":
+        return {"atrous": "native", "transposed": "native", "depthwise": "native"}
+    if method == "dense" or backend != "cpu":
+        # GPU/TPU: XLA's dilated convolutions are its slow path; cuDNN has fast depthwise kernels.
+        return {"atrous": "dense", "transposed": "subpixel", "depthwise": "native" if method == "auto" else "shifted"}
+    # CPU, measured (docs/benchmarks.md): trimming always pays; space-to-batch does not beat
+    # XLA:CPU's own dilated conv; sub-pixel and shifted multiply-adds beat XLA:CPU by 2-40x.
+    return {"atrous": "trim", "transposed": "subpixel", "depthwise": "shifted"}
+
+
+def _live_taps(size: int, k: int, stride: int, dilation: int, lo: int, hi: int) -> tuple[int, int]:
+    """First and last kernel tap along one axis that reads a real input element for some output."""
+    out = (size + lo + hi - dilation * (k - 1) - 1) // stride + 1
+    live = [i for i in range(k) if i * dilation - lo <= size - 1 and (out - 1) * stride - lo + i * dilation >= 0]
+    return (live[0], live[-1]) if live else (k // 2, k // 2)
+
+
+def _pad(x: Array, pads: Sequence[tuple[int, int]]) -> Array:
+    """Pads (or, with negative amounts, crops) the spatial axes of NHWC `x`."""
+    if all(p == (0, 0) for p in pads):
+        return x
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
+
+
+def _dense_conv(x: Array, kernel: Array, stride, padding, groups: int) -> Array:
+    return jax.lax.conv_general_dilated(x, kernel, tuple(stride), [tuple(p) for p in padding],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def _shifted_depthwise(x: Array, kernel: Array, stride, padding, dilation) -> Array:
+    """Depthwise conv (kernel (kh, kw, 1, C)) as kh*kw strided slices times per-channel weights."""
+    x = _pad(x, padding)
+    (kh, kw), (sh, sw), (dh, dw) = kernel.shape[:2], stride, dilation
+    oh = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    ow = (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = jax.lax.slice(x, (0, i * dh, j * dw, 0),
+                                (x.shape[0], i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, x.shape[3]),
+                                (1, sh, sw, 1))
+            term = tap * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+def _space_to_batch_conv(x: Array, kernel: Array, padding, dilation, groups: int) -> Array:
+    """Stride-1 atrous conv as a dense conv over the dilation x dilation phases of the padded input."""
+    (kh, kw), (dh, dw) = kernel.shape[:2], dilation
+    n, c = x.shape[0], x.shape[3]
+    x = _pad(x, padding)
+    oh, ow = x.shape[1] - dh * (kh - 1), x.shape[2] - dw * (kw - 1)
+    qh, qw = -(-x.shape[1] // dh), -(-x.shape[2] // dw)
+    x = _pad(x, [(0, qh * dh - x.shape[1]), (0, qw * dw - x.shape[2])])
+    x = x.reshape(n, qh, dh, qw, dw, c).transpose(2, 4, 0, 1, 3, 5).reshape(dh * dw * n, qh, qw, c)
+    y = _dense_conv(x, kernel, (1, 1), ((0, 0), (0, 0)), groups)
+    ph, pw, f = y.shape[1], y.shape[2], y.shape[3]
+    y = y.reshape(dh, dw, n, ph, pw, f).transpose(2, 3, 0, 4, 1, 5).reshape(n, ph * dh, pw * dw, f)
+    return y[:, :oh, :ow]
+
+
+def _dilate_kernel(kernel: Array, dilation) -> Array:
+    """The equivalent undilated kernel, zeros between the taps."""
+    kh, kw = kernel.shape[:2]
+    dh, dw = dilation
+    out = jnp.zeros((dh * (kh - 1) + 1, dw * (kw - 1) + 1) + kernel.shape[2:], kernel.dtype)
+    return out.at[::dh, ::dw].set(kernel)
+
+
+def conv(x: Array, kernel: Array, stride=1, padding=0, dilation=1, groups: int = 1,
+         method: str | None = None) -> Array:
+    """`F.conv2d` for NHWC `x` and HWIO `kernel` (kh, kw, in/groups, out), lowered per `conv_plan`.
+
+    padding: an int, (ph, pw) symmetric, or ((lo, hi), (lo, hi)). Every method gives the same
+    result as `lax.conv_general_dilated(..., rhs_dilation=dilation)` up to float rounding.
+    """
+    stride, dilation = pair(stride), pair(dilation)
+    if isinstance(padding, int):
+        padding = ((padding, padding),) * 2
+    padding = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in padding)
+    plan = conv_plan(method)
+    depthwise = groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and kernel.shape[2] == 1
+    if depthwise and plan["depthwise"] == "shifted":
+        return _shifted_depthwise(x, kernel, stride, padding, dilation)
+    if dilation == (1, 1) or plan["atrous"] == "native":
+        return jax.lax.conv_general_dilated(x, kernel, stride, padding, rhs_dilation=dilation,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    # Trim dead taps: the output size is kept, so the pads move with the first live tap.
+    taps, pads, dil = [], [], []
+    for axis in (0, 1):
+        k, d, (lo, hi) = kernel.shape[axis], dilation[axis], padding[axis]
+        size, s = x.shape[1 + axis], stride[axis]
+        first, last = _live_taps(size, k, s, d, lo, hi)
+        out = (size + lo + hi - d * (k - 1) - 1) // s + 1
+        k_live = last - first + 1
+        new_lo = lo - first * d
+        new_hi = (out - 1) * s + d * (k_live - 1) + 1 - size - new_lo
+        taps.append(slice(first, last + 1))
+        pads.append((new_lo, new_hi))
+        dil.append(d if k_live > 1 else 1)
+    kernel = kernel[taps[0], taps[1]]
+    dilation = tuple(dil)
+    if dilation == (1, 1) or plan["atrous"] == "trim":
+        x = _pad(x, pads)
+        return jax.lax.conv_general_dilated(x, kernel, stride, ((0, 0), (0, 0)), rhs_dilation=dilation,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    if stride == (1, 1):
+        return _space_to_batch_conv(x, kernel, pads, dilation, groups)
+    # Strided and dilated (no model uses it): an undilated kernel with zeros between the taps.
+    return _dense_conv(_pad(x, pads), _dilate_kernel(kernel, dilation), stride, ((0, 0), (0, 0)), groups)
+
+
+def conv_transpose(x: Array, kernel: Array, stride: int, padding: int = 0, output_padding: int = 0,
+                   dilation: int = 1, method: str | None = None) -> Array:
+    """`F.conv_transpose2d` for NHWC `x`; `kernel` is the forward conv's HWIO kernel (kh, kw, out, in).
+
+    "subpixel": output position o = q*s + r - padding gathers taps r, r + s, ... of the kernel
+    from inputs q, q - 1, ...; so each phase r is a small dense conv of the undilated input, and
+    all s*s phases are one conv with s*s*out channels, interleaved by depth-to-space.
+    """
+    if conv_plan(method)["transposed"] == "native":
+        k = kernel.shape[0]
+        rhs = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # the transposed op's spatially flipped HWIO
+        lo = dilation * (k - 1) - padding
+        return jax.lax.conv_general_dilated(x, rhs, window_strides=(1, 1),
+                                            padding=((lo, lo + output_padding),) * 2,
+                                            lhs_dilation=(stride, stride), rhs_dilation=(dilation, dilation),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    s = stride
+    w = kernel.transpose(0, 1, 3, 2)  # (kh, kw, in, out): tap t of input channel i to output o
+    if dilation > 1:
+        w = _dilate_kernel(w, (dilation, dilation))
+    k, cin, cout = w.shape[0], w.shape[2], w.shape[3]
+    m = -(-k // s)  # taps per phase
+    w = jnp.pad(w, ((0, m * s - k), (0, m * s - k), (0, 0), (0, 0)))
+    # (m, s, m, s, in, out) [a, r, b, t] = w[a*s + r, b*s + t]; flipped along a, b for a correlation.
+    w = w.reshape(m, s, m, s, cin, cout)[::-1, :, ::-1]
+    w = w.transpose(0, 2, 4, 1, 3, 5).reshape(m, m, cin, s * s * cout)
+    n, h, wd = x.shape[:3]
+    out_h = conv_transpose_output_size(h, kernel.shape[0], s, padding, output_padding, dilation)
+    out_w = conv_transpose_output_size(wd, kernel.shape[1], s, padding, output_padding, dilation)
+    # Phase rows q_lo..q_hi cover output rows padding .. padding + out - 1 of the uncropped result.
+    q_lo = padding // s
+    q_hi_h, q_hi_w = (padding + out_h - 1) // s, (padding + out_w - 1) // s
+    x = _pad(x, [(m - 1 - q_lo, q_hi_h - (h - 1)), (m - 1 - q_lo, q_hi_w - (wd - 1))])
+    y = _dense_conv(x, w, (1, 1), ((0, 0), (0, 0)), 1)
+    qh, qw = y.shape[1], y.shape[2]
+    y = y.reshape(n, qh, qw, s, s, cout).transpose(0, 1, 3, 2, 4, 5).reshape(n, qh * s, qw * s, cout)
+    start = padding - q_lo * s
+    return y[:, start:start + out_h, start:start + out_w]
+
+
+class Conv(nn.Module):
+    """`torch.nn.Conv2d` with flax.linen.Conv's parameters ("kernel" HWIO, "bias"), lowered by `conv`."""
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((1, 1), (1, 1))
+    kernel_dilation: tuple[int, int] = (1, 1)
+    feature_group_count: int = 1
+    use_bias: bool = False
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = tuple(self.kernel_size) + (x.shape[-1] // self.feature_group_count, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = conv(x, kernel, self.strides, self.padding, self.kernel_dilation, self.feature_group_count)
+        return y + bias if bias is not None else y
+
+
 def conv2d(features: int, kernel_size: int | Sequence[int] = 3, stride: int = 1, padding: int | None = None,
            dilation: int = 1, groups: int = 1, use_bias: bool = False, dtype: Dtype = None,
-           param_dtype: Dtype = jnp.float32, name: str | None = None, **kw) -> nn.Conv:
+           param_dtype: Dtype = jnp.float32, name: str | None = None, **kw) -> Conv:
     """`torch.nn.Conv2d` semantics: symmetric padding, default `dilation * (k - 1) // 2` ("same" at stride 1)."""
     kh, kw_ = pair(kernel_size)
     if padding is None:
         ph, pw = dilation * (kh - 1) // 2, dilation * (kw_ - 1) // 2
     else:
         ph, pw = pair(padding)
-    return nn.Conv(features, (kh, kw_), strides=pair(stride), padding=((ph, ph), (pw, pw)),
-                   kernel_dilation=pair(dilation), feature_group_count=groups, use_bias=use_bias,
-                   dtype=dtype, param_dtype=param_dtype, kernel_init=kw.pop("kernel_init", kaiming_normal_fan_out),
-                   name=name, **kw)
-
-
-# torchvision's ResNet/MobileNet/segmentation heads use kaiming_normal_(mode="fan_out", relu).
-kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    return Conv(features, (kh, kw_), strides=pair(stride), padding=((ph, ph), (pw, pw)),
+                kernel_dilation=pair(dilation), feature_group_count=groups, use_bias=use_bias,
+                dtype=dtype, param_dtype=param_dtype, kernel_init=kw.pop("kernel_init", kaiming_normal_fan_out),
+                name=name, **kw)
 
 
 class BatchNorm(nn.Module):
@@ -235,17 +467,10 @@ class ConvTranspose(nn.Module):
     def __call__(self, x: Array) -> Array:
         k, s, d = self.kernel_size, self.stride, self.dilation
         kernel = self.param("kernel", self.kernel_init, (k, k, self.features, x.shape[-1]), self.param_dtype)
-        dtype = self.dtype or x.dtype
-        # Forward-conv HWIO (k, k, out, in) -> spatially flipped HWIO (k, k, in, out) of the transposed op.
-        rhs = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2).astype(dtype)
-        lo = d * (k - 1) - self.padding
-        y = jax.lax.conv_general_dilated(
-            x.astype(dtype), rhs, window_strides=(1, 1),
-            padding=((lo, lo + self.output_padding),) * 2,
-            lhs_dilation=(s, s), rhs_dilation=(d, d),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+        y = conv_transpose(x, kernel, s, self.padding, self.output_padding, d)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(dtype)
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
         return y
 
 
