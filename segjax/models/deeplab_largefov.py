@@ -3,11 +3,15 @@
     conv1_1 ... conv4_3, pools 1-3: 3x3 stride 2 pad 1       output stride 8
     pool4: 3x3 stride 1 pad 1
     conv5_1 ... conv5_3 dilated by 2, pool5: 3x3 stride 1 pad 1
+    pool5a  3x3 stride 1 pad 1 *average* pool (zero padding counted: caffe's AVE pool and
+            PyTorch's count_include_pad=True agree, the window never passing pad + size)
     fc6  3x3 conv, rate 12, 1024 channels, ReLU, dropout
     fc7  1x1 conv 1024, ReLU, dropout
-    fc8  1x1 conv -> C, logits bilinearly resized to the input (align_corners=False)
+    fc8  1x1 conv -> C, logits bilinearly resized to the input
 
-Pools round up like caffe's (ceil mode), so an input of 8k + 1 pixels gives k + 1 feature rows.
+Pools round up like caffe's (ceil_mode=True), so an input of 8k + 1 pixels gives k + 1 feature
+rows; PyTorch ports of the caffe model pool with floor (ceil_mode=False: the same at 8k + 1 sizes
+such as 321 or 513, one row fewer at even sizes) and resize with align_corners=True (default False).
 The conv body lives under "backbone" with caffe names; `segjax.convert.load_backbone` fills it
 from a torchvision vgg16 state_dict (fc6/fc7 differ in shape from VGG's and start from scratch).
 No CRF: this is the network's unary term.
@@ -27,7 +31,11 @@ from segjax.nn import conv2d, resize
 
 Dtype = Any
 
-LARGEFOV_POOLS = (Pool(3, 2, 1, ceil_mode=True),) * 3 + (Pool(3, 1, 1, ceil_mode=True),) * 2
+def largefov_pools(ceil_mode: bool = True) -> tuple[Pool, ...]:
+    return (Pool(3, 2, 1, ceil_mode),) * 3 + (Pool(3, 1, 1, ceil_mode),) * 2
+
+
+LARGEFOV_POOLS = largefov_pools()
 LARGEFOV_DILATIONS = (1, 1, 1, 1, 2)
 FC6_RATE, FC_WIDTH = 12, 1024
 
@@ -37,24 +45,30 @@ class DeepLabLargeFOV(nn.Module):
     dropout_rate: float = 0.5
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
+    align_corners: bool = False
+    ceil_mode: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         size = x.shape[1:3]
-        feats = VGGFeatures(STAGES["vgg16"], caffe_names=True, pools=LARGEFOV_POOLS, dilations=LARGEFOV_DILATIONS,
-                            dtype=self.dtype, param_dtype=self.param_dtype, name="backbone")(x, train)
+        feats = VGGFeatures(STAGES["vgg16"], caffe_names=True, pools=largefov_pools(self.ceil_mode),
+                            dilations=LARGEFOV_DILATIONS, dtype=self.dtype, param_dtype=self.param_dtype,
+                            name="backbone")(x, train)
         conv = functools.partial(conv2d, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
-        y = nn.relu(conv(FC_WIDTH, 3, dilation=FC6_RATE, name="fc6")(feats["pool5"]))
+        y = nn.avg_pool(feats["pool5"], (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True)
+        y = nn.relu(conv(FC_WIDTH, 3, dilation=FC6_RATE, name="fc6")(y))
         y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
         y = nn.relu(conv(FC_WIDTH, 1, name="fc7")(y))
         y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
         # The caffe net initialises the classifier with N(0, 0.01).
         y = conv(self.num_classes, 1, kernel_init=nn.initializers.normal(0.01), name="fc8")(y)
-        return {"out": resize(y, size, "bilinear", align_corners=False)}
+        return {"out": resize(y, size, "bilinear", align_corners=self.align_corners)}
 
 
 @register("deeplabv1_largefov_vgg16")
 def deeplabv1_largefov_vgg16(num_classes: int = 21, dropout_rate: float = 0.5, dtype: Dtype = None,
-                             param_dtype: Dtype = jnp.float32, axis_name: str | None = None) -> DeepLabLargeFOV:
+                             param_dtype: Dtype = jnp.float32, axis_name: str | None = None,
+                             align_corners: bool = False, ceil_mode: bool = True) -> DeepLabLargeFOV:
+    """align_corners: of the final resize; ceil_mode: of the five max-pools (see the module docstring)."""
     del axis_name  # no BatchNorm in this net; accepted so every model takes the same kwargs
-    return DeepLabLargeFOV(num_classes, dropout_rate, dtype, param_dtype)
+    return DeepLabLargeFOV(num_classes, dropout_rate, dtype, param_dtype, bool(align_corners), bool(ceil_mode))
