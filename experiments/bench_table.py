@@ -10,10 +10,41 @@ import json
 import sys
 from pathlib import Path
 
+BUSY = "**BUSY**"
+
+
+def _avx(flag) -> str:
+    return {True: "AVX-512", False: "no AVX-512"}.get(flag, "AVX-512 unknown")
+
+
+def _load(load) -> str:
+    return f"{load[0]:.2f}" if load else "unknown"
+
+
+def conditions(result: dict) -> str:
+    """One line: processor, load averages before/after, convolution lowering; loud when the run was busy."""
+    if "processor" not in result and "load_average_before" not in result:
+        return "run conditions (processor, load before the run) not recorded: an older result"
+    cpu = result.get("processor") or {}
+    line = (f"host {cpu.get('model', 'unknown')} ({_avx(cpu.get('avx512'))}, {cpu.get('cores', '?')} cores); "
+            f"1-min load {_load(result.get('load_average_before'))} before, "
+            f"{_load(result.get('load_average_after'))} after; "
+            f"SEGJAX_CONV={result.get('conv_method', 'auto')}")
+    if result.get("conv_plan"):
+        line += " (" + ", ".join(f"{kind} {how}" for kind, how in result["conv_plan"].items()) + ")"
+    if result.get("busy"):
+        line = (f"{BUSY}: started at 1-min load {_load(result.get('load_average_before'))} > "
+                f"{result.get('max_load')}; PyTorch's OpenMP threads slow 6-12x under load, so these ratios "
+                f"are not trustworthy. {line}")
+    if result.get("partial"):
+        line += " (partial: the run stopped before it finished)"
+    return line
+
+
 def markdown(result: dict) -> str:
     head = (f"**{result['model']}** {result['size'][0]}x{result['size'][1]}, batch {result['batch']}, "
             f"{result['dtype']}, {result['device']}, {result['params']:,} params, "
-            f"{result['forward_gflop_per_image']:.2f} GFLOP/img forward (XLA)\n\n")
+            f"{result['forward_gflop_per_image']:.2f} GFLOP/img forward (XLA)\n\n{conditions(result)}\n\n")
     rows = ["| impl | mode | images/s | ms/step | compile s | TFLOP/s (XLA) | TFLOP/s (model) | MFU (XLA) | MFU (model) |",
             "|---|---|---|---|---|---|---|---|---|"]
 
@@ -49,8 +80,9 @@ def markdown(result: dict) -> str:
 README_BEGIN, README_END = "<!-- bench-table -->", "<!-- /bench-table -->"
 
 
-def readme_table(results: list[dict]) -> str:
-    """The README's results table: one row per benchmark result (sorted by card, then model)."""
+def readme_table(results: list[dict], source: str = "docs/bench_results") -> str:
+    """The README's results table: one row per benchmark result (sorted by card, then model); rows of
+    runs that started on a busy machine say BUSY in their card column."""
     lines = ["| model | params | GFLOP/img (fwd) | input | dtype | train img/s | infer img/s "
              "| vs torch eager (train / infer) | vs torch.compile (train / infer) | card |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -64,22 +96,56 @@ def readme_table(results: list[dict]) -> str:
     for r in sorted(results, key=lambda r: (r.get("card", r["device"]), r["model"], r["size"], r["batch"])):
         kw = ", ".join(f"{k}={v}" for k, v in r.get("model_kw", {}).items())
         name = f"{r['model']} ({kw})" if kw else r["model"]
+        card = r.get("card", r["device"]) + (f" {BUSY}" if r.get("busy") else "")
+        card += " (partial)" if r.get("partial") else ""
         lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['forward_gflop_per_image']:.2f} | "
                      f"{r['size'][0]}x{r['size'][1]} x{r['batch']} | {r['dtype']} | "
                      f"{r['jax']['train']['images_per_s']:.2f} | {r['jax']['infer']['images_per_s']:.2f} | "
-                     f"{ratio(r, 'eager')} | {ratio(r, 'compile')} | {r.get('card', r['device'])} |")
-    loads = [r["load_average"][0] for r in results if r.get("load_average")]
+                     f"{ratio(r, 'eager')} | {ratio(r, 'compile')} | {card} |")
     notes = ["", "JAX and PyTorch run in one process on the same device, so both see the same load. "
-             "Results: docs/bench_results/*.json; regenerate this table with "
-             "`python experiments/benchmark.py --readme README.md --results docs/bench_results`."]
-    if loads:
-        notes.append(f"1-minute load average as each run finished: {min(loads):.1f} to {max(loads):.1f}.")
+             f"Results: {source}/*.json; regenerate this table with "
+             f"`python experiments/benchmark.py --readme README.md --results {source}`."]
+    for key, when in (("load_average_before", "as each run started"), ("load_average", "as each run finished")):
+        loads = [r[key][0] for r in results if r.get(key)]
+        if loads:
+            notes.append(f"1-minute load average {when}: {min(loads):.1f} to {max(loads):.1f}.")
+    cpus = sorted({(r["processor"]["model"], r["processor"].get("avx512")) for r in results if r.get("processor")},
+                  key=str)
+    if cpus:
+        notes.append("Host CPU: " + "; ".join(f"{m} ({_avx(a)})" for m, a in cpus) + ".")
+    convs = sorted({r["conv_method"] for r in results if r.get("conv_method")})
+    if convs:
+        notes.append(f"SEGJAX_CONV: {', '.join(convs)}.")
+    busy = [r["model"] for r in results if r.get("busy")]
+    if busy:
+        notes.append(f"{BUSY}: {', '.join(busy)} started on a busy machine (--allow-busy); PyTorch's OpenMP "
+                     "threads slow 6-12x under load, so those ratios fake a JAX win. Rerun them idle.")
+    partial = [r["model"] for r in results if r.get("partial")]
+    if partial:
+        notes.append(f"Partial (stopped before finishing, e.g. by a timeout): {', '.join(partial)}.")
     if not any(r.get("platform") == "gpu" for r in results):
         notes.append("GPU figures are unmeasured so far: no GPU was available in the session that produced this table.")
     return "\n".join(lines + notes)
 
 
-def update_readme(readme: Path, results: list[dict]) -> str:
+def side_by_side(results: list[dict]) -> str:
+    """Images/s of segjax, PyTorch eager and torch.compile per model and mode, and segjax over the faster
+    PyTorch column (the GPU suite's goal is >= 1.5x there)."""
+    lines = ["| model | input | mode | segjax | torch eager | torch.compile | segjax / faster torch |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: r["model"]):
+        for mode in ("train", "infer"):
+            ours = r["jax"][mode]["images_per_s"]
+            theirs = [r.get("torch", {}).get(v, {}).get(mode, {}).get("images_per_s") for v in ("eager", "compile")]
+            found = [t for t in theirs if t]
+            cells = [f"{t:.1f}" if t else "-" for t in theirs]
+            flag = f" {BUSY}" if r.get("busy") else ""
+            lines.append(f"| {r['model']}{flag} | {r['size'][0]}x{r['size'][1]} x{r['batch']} {r['dtype']} | {mode} | "
+                         f"{ours:.1f} | {' | '.join(cells)} | {f'{ours / max(found):.2f}x' if found else '-'} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, results: list[dict], source: str = "docs/bench_results") -> str:
     """Replaces the text between README_BEGIN and README_END with readme_table(results)."""
     from segjax.errors import SegjaxError
 
@@ -88,7 +154,7 @@ def update_readme(readme: Path, results: list[dict]) -> str:
     if begin < 0 or end < begin:
         raise SegjaxError(f"{readme} has no {README_BEGIN} ... {README_END} block; add the two markers where "
                           "the table should go")
-    table = readme_table(results)
+    table = readme_table(results, source)
     readme.write_text(text[: begin + len(README_BEGIN)] + "\n" + table + "\n" + text[end:])
     return table
 

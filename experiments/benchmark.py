@@ -15,6 +15,18 @@ achieved TFLOP/s from those over the median time, and MFU against `--peak-tflops
 dense peak of a known device kind for the compute dtype; TF32 for float32, as XLA and cuDNN use on
 GPUs; none on CPU). PyTorch runs in the same process on the same kind of device: eager, and
 torch.compile with `--torch-compile`; bf16 there is autocast + channels_last.
+
+Load: every result records the processor (model name, AVX-512 or not) and the load averages before
+and after the run. A run that starts while the machine is busy (1-minute load average above
+`--max-load`: 0.5 on the CPU backend, half the host's cores on an accelerator, where the host only
+launches kernels) is refused: PyTorch's OpenMP threads slow 6-12x under load and XLA's far less,
+which fakes a JAX win. `--allow-busy` runs anyway and flags the result and its table rows BUSY.
+
+`--conv native|dense|auto` sets SEGJAX_CONV (segjax's convolution lowering) before the models are
+built, and the result records it as "conv_method". With `--out`, the JSON is written after the JAX
+part and after each PyTorch variant ("partial": true until the run completes), so a run killed by
+a timeout keeps what it measured. On a GPU, JAX runs without preallocating the device's memory
+(XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so PyTorch in the same process finds room.
 """
 from __future__ import annotations
 
@@ -24,22 +36,28 @@ import importlib.util
 import inspect
 import json
 import os
+import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+# JAX and PyTorch share the device: JAX must not grab most of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from segjax import analysis, models
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from segjax import analysis, models  # noqa: E402
 
 # Dense peak TFLOP/s per device kind substring: (float32 as TF32, bfloat16).
 PEAK_TFLOPS = {"H200": (494.7, 989.4), "H100": (494.7, 989.4), "A100": (156.0, 312.0), "L4": (60.0, 121.0)}
 TORCHVISION_SEGMENTATION = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
                             "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
+CONV_METHODS = ("native", "dense", "auto")  # SEGJAX_CONV values
+CPU_MAX_LOAD = 0.5
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -207,7 +225,9 @@ def torch_reference(name: str, num_classes: int, model_kw: dict):
     return f"no PyTorch reference for {name!r} (torchvision has none and tests/torch_reference.py lacks it)"
 
 
-def bench_torch(args, flops: dict, peak) -> dict:
+def bench_torch(args, flops: dict, peak, on_variant=None) -> dict:
+    """PyTorch eager (and torch.compile): {"device", "eager": {"train", "infer"}, "compile": ...}.
+    `on_variant(results)` is called after each variant, so a caller can save what is measured so far."""
     import torch
 
     device = torch.device("cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu")
@@ -265,6 +285,8 @@ def bench_torch(args, flops: dict, peak) -> dict:
             timing = time_calls(call, sync, args.warmup, args.iters, args.repeats)
             entry[mode] = dict(throughput(timing, args.batch, flops[mode], peak), first_call_s=first)
         results[label] = entry
+        if on_variant is not None:
+            on_variant(results)
     return results
 
 
@@ -327,8 +349,17 @@ def parse_args(argv):
     p.add_argument("--torch-compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
     p.add_argument("--eval", action="store_true", help="also time the eval step with segjax.metrics.confusion_matrix")
     p.add_argument("--loader", action="store_true", help="also time experiments/bench_loader.py's loader_throughput")
+    p.add_argument("--conv", choices=CONV_METHODS, default=None, metavar="METHOD",
+                   help="segjax's convolution lowering, set as SEGJAX_CONV before the models are built: "
+                        f"{'|'.join(CONV_METHODS)} (default: SEGJAX_CONV as set, else segjax's default, auto)")
+    p.add_argument("--max-load", type=float, default=None, metavar="LOAD",
+                   help=f"refuse to run when the 1-minute load average is above LOAD (default: {CPU_MAX_LOAD} on "
+                        "the CPU backend, half the host's cores on an accelerator)")
+    p.add_argument("--allow-busy", action="store_true",
+                   help="run even above --max-load; the result and its table rows are flagged BUSY")
     p.add_argument("--out", default=None, help="directory for the JSON and Markdown results")
-    p.add_argument("--card", default=None, help='device name for the README table (default: e.g. "CPU, 2 cores")')
+    p.add_argument("--card", default=None,
+                   help='device name for the README table (default: e.g. "NVIDIA H200", "CPU AMD EPYC, no AVX-512, 2 cores")')
     p.add_argument("--readme", default=None, metavar="README.md",
                    help="rewrite the table between <!-- bench-table --> markers from --results DIR's JSON files "
                         "(no benchmark runs)")
@@ -343,7 +374,9 @@ def parse_args(argv):
 
 def default_card(device) -> str:
     if device.platform == "cpu":
-        return f"CPU, {os.cpu_count()} cores"
+        cpu = processor()
+        avx = {True: ", AVX-512", False: ", no AVX-512"}.get(cpu["avx512"], "")
+        return f"CPU {cpu['model']}{avx}, {cpu['cores']} cores"
     return f"{device.device_kind} x{jax.device_count()}" if jax.device_count() > 1 else device.device_kind
 
 
@@ -353,6 +386,62 @@ def load_average():
         return list(os.getloadavg())
     except (AttributeError, OSError):
         return None
+
+
+def processor() -> dict:
+    """The host CPU: {"model": name, "avx512": whether it has AVX-512 (the avx512f flag; None where
+    unknown), "cores": logical cores}. Read from /proc/cpuinfo, else from the platform module."""
+    model, avx512 = None, None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Processor", "cpu model") and model is None:
+                    model = value.strip()
+                elif key in ("flags", "Features") and avx512 is None:
+                    avx512 = "avx512f" in value.split()
+                if model is not None and avx512 is not None:
+                    break
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or platform.machine() or "unknown", "avx512": avx512,
+            "cores": os.cpu_count()}
+
+
+def conv_lowering() -> dict:
+    """{"conv_method": SEGJAX_CONV as the models see it, "conv_plan": what segjax lowers each kind of conv to
+    under it on this backend (when segjax.nn can say)}."""
+    from segjax import nn as segjax_nn
+
+    method = os.environ.get("SEGJAX_CONV") or "auto"
+    plan = getattr(segjax_nn, "conv_plan", None)
+    try:
+        return {"conv_method": method, "conv_plan": plan() if plan else None}
+    except ValueError as e:  # a value segjax does not know: the models would refuse it too
+        raise SystemExit(f"error: {e}")
+
+
+def max_load(args, platform_name: str) -> float:
+    if args.max_load is not None:
+        return args.max_load
+    return CPU_MAX_LOAD if platform_name == "cpu" else max(1.0, (os.cpu_count() or 2) / 2)
+
+
+def busy_check(args, platform_name: str, load) -> dict:
+    """{"max_load", "busy"}; raises SystemExit(2) with a one-line message when busy and not --allow-busy."""
+    limit = max_load(args, platform_name)
+    busy = bool(load) and load[0] > limit
+    if busy and not args.allow_busy:
+        print(f"error: refusing to benchmark: the 1-minute load average is {load[0]:.2f}, above --max-load "
+              f"{limit:g} ({os.cpu_count()} cores); PyTorch's OpenMP threads slow 6-12x under load and XLA's far "
+              "less, which fakes a JAX win: wait for an idle machine, or pass --allow-busy (results flagged BUSY)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    if busy:
+        print(f"warning: BUSY: the 1-minute load average is {load[0]:.2f}, above --max-load {limit:g}; "
+              "this run's ratios to PyTorch are not trustworthy", file=sys.stderr)
+    return {"max_load": limit, "busy": busy}
 
 
 def default_peak(device_kind: str, dtype: str):
@@ -370,11 +459,41 @@ def main(argv=None) -> dict:
         if not results:
             p_error = f"no benchmark results (*.json) in {folder}; run with --out {folder} first"
             raise SystemExit(p_error)
-        table = _sibling("bench_table").update_readme(Path(args.readme), results)
+        table = _sibling("bench_table").update_readme(Path(args.readme), results, str(folder))
         print(table)
         return {"readme": args.readme, "results": len(results)}
     device = jax.devices()[0]
+    load_before = load_average()
+    busy = busy_check(args, device.platform, load_before)
+    previous_conv = os.environ.get("SEGJAX_CONV")
+    if args.conv is not None:  # before any model is built; restored when main returns (tests call it in-process)
+        os.environ["SEGJAX_CONV"] = args.conv
+    try:
+        return run(args, device, load_before, busy)
+    finally:
+        if args.conv is not None:
+            if previous_conv is None:
+                os.environ.pop("SEGJAX_CONV", None)
+            else:
+                os.environ["SEGJAX_CONV"] = previous_conv
+
+
+def run(args, device, load_before, busy: dict) -> dict:
     peak = args.peak_tflops if args.peak_tflops is not None else default_peak(device.device_kind, args.dtype)
+    result = {"model": args.model, "model_kw": {k: repr(v) for k, v in args.model_kw.items()},
+              "size": list(args.size), "batch": args.batch, "num_classes": args.num_classes, "dtype": args.dtype,
+              "device": device.device_kind, "platform": device.platform, "peak_tflops": peak,
+              "card": args.card or default_card(device), "processor": processor(),
+              **conv_lowering(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "load_average_before": load_before, **busy}
+    stem = f"{args.model}_{args.size[0]}x{args.size[1]}_b{args.batch}_{args.dtype}_{device.platform}"
+    out = Path(args.out) if args.out else None
+
+    def save(partial: bool = True):
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{stem}.json").write_text(json.dumps(dict(result, partial=True) if partial else result, indent=2))
+
     kw = dict(args.model_kw, **({"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}))
     model = models.create(args.model, num_classes=args.num_classes, **kw)
     rng = np.random.default_rng(0)
@@ -382,33 +501,34 @@ def main(argv=None) -> dict:
     y = jnp.asarray(labels_for(args, rng).astype(np.int32))
 
     jax_result = bench_jax(args, model, x, y, peak)
-    result = {"model": args.model, "model_kw": {k: repr(v) for k, v in args.model_kw.items()},
-              "size": list(args.size), "batch": args.batch, "num_classes": args.num_classes, "dtype": args.dtype,
-              "device": device.device_kind, "platform": device.platform, "peak_tflops": peak,
-              "card": args.card or default_card(device), "load_average": load_average(),
-              "params": jax_result.pop("params"),
-              "forward_gflop_per_image": (jax_result["infer"]["flops_per_step"]["xla"] or 0) / args.batch / 1e9,
-              "jax": jax_result}
+    result.update(params=jax_result.pop("params"),
+                  forward_gflop_per_image=(jax_result["infer"]["flops_per_step"]["xla"] or 0) / args.batch / 1e9,
+                  jax=jax_result, load_average=load_average())
+    save()
     if args.torch:
         flops = {m: jax_result[m]["flops_per_step"] for m in ("train", "infer")}
+
+        def on_variant(torch_result):
+            result.update(torch=torch_result, load_average=load_average())
+            save()
+
         try:
-            result["torch"] = bench_torch(args, flops, peak)
+            result["torch"] = bench_torch(args, flops, peak, on_variant)
         except ImportError as e:
             result["torch"] = {"skipped": f"torch unavailable ({e})"}
-        eager = result["torch"].get("eager")
-        if eager:
-            result["ratio"] = {f"{m}_eager": jax_result[m]["images_per_s"] / eager[m]["images_per_s"]
-                               for m in ("train", "infer")}
+        result["ratio"] = {f"{m}_{label}": jax_result[m]["images_per_s"] / side[m]["images_per_s"]
+                           for label in ("eager", "compile") if (side := result["torch"].get(label))
+                           for m in ("train", "infer")}
+        if not result["ratio"]:
+            del result["ratio"]
     if args.loader:
         result["loader"] = bench_loader(args)
+    result["load_average_after"] = result["load_average"] = load_average()  # "load_average": as the run finished
 
     table = _sibling("bench_table").markdown(result)
     print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"{args.model}_{args.size[0]}x{args.size[1]}_b{args.batch}_{args.dtype}_{device.platform}"
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    if out is not None:
+        save(partial=False)
         (out / f"{stem}.md").write_text(table)
         print(f"wrote {out / stem}.json and .md")
     return result

@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import math
+import os
+import re
 import statistics
 from pathlib import Path
 
@@ -31,18 +33,50 @@ def check_timing(r, batch, repeats):
     assert math.isclose(r["images_per_s"], batch / r["step_s"])
 
 
-def test_benchmark_smoke(tmp_path, capsys):
+def test_benchmark_smoke(tmp_path, capsys, monkeypatch):
     bench = load_benchmark()
     name = registered("unet")
     model_kw = ["--model-kw", "base_channels=4"] if name == "unet" else []
+    monkeypatch.setenv("SEGJAX_CONV", "auto")
+    stem = f"{name}_32x48_b2_float32_cpu"
+    on_disk = []  # the JSON as bench_torch starts and after each variant: saved as it goes, "partial"
+    real_bench_torch = bench.bench_torch
+
+    def bench_torch(args, flops, peak, on_variant=None):
+        on_disk.append(json.loads((tmp_path / f"{stem}.json").read_text()))
+
+        def saved(results):
+            on_variant(results)
+            on_disk.append(json.loads((tmp_path / f"{stem}.json").read_text()))
+        return real_bench_torch(args, flops, peak, saved)
+
+    monkeypatch.setattr(bench, "bench_torch", bench_torch)
+    # --max-load -1: any load is "busy", so --allow-busy's path and the BUSY flags run whatever the CI load
     result = bench.main(["--model", name, *model_kw, "--size", "32", "48", "--batch", "2", "--num-classes", "3",
                          "--warmup", "0", "--iters", "1", "--repeats", "3", "--torch", "--eval", "--loader",
-                         "--out", str(tmp_path)])
-    printed = capsys.readouterr().out
+                         "--conv", "native", "--max-load", "-1", "--allow-busy", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert os.environ["SEGJAX_CONV"] == "auto"  # --conv is set for the run only, then restored
 
-    stem = f"{name}_32x48_b2_float32_cpu"
     written = json.loads((tmp_path / f"{stem}.json").read_text())
-    assert written == json.loads(json.dumps(result))
+    assert written == json.loads(json.dumps(result)) and "partial" not in written
+    assert [d["partial"] for d in on_disk] == [True, True] and "torch" not in on_disk[0]
+    assert on_disk[0]["jax"]["train"]["step_s"] == written["jax"]["train"]["step_s"]
+    assert on_disk[1]["torch"]["eager"]["train"]["step_s"] == written["torch"]["eager"]["train"]["step_s"]
+
+    # conditions of the run: processor, load before/after, busy flag, convolution lowering
+    cpu = written["processor"]
+    assert isinstance(cpu["model"], str) and cpu["model"] and cpu["cores"] == os.cpu_count()
+    if Path("/proc/cpuinfo").exists():
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        assert cpu["avx512"] is ("avx512f" in flags.split())
+    for key in ("load_average_before", "load_average_after"):
+        assert len(written[key]) == 3 and all(v >= 0 for v in written[key])
+    assert written["load_average"] == written["load_average_after"]
+    assert written["busy"] is True and written["max_load"] == -1 and "BUSY" in captured.err
+    assert written["conv_method"] == "native"
+    assert written["conv_plan"] is None or set(written["conv_plan"].values()) == {"native"}
     assert written["model"] == name and written["size"] == [32, 48] and written["batch"] == 2
     assert written["params"] > 0 and written["forward_gflop_per_image"] > 0
 
@@ -66,6 +100,8 @@ def test_benchmark_smoke(tmp_path, capsys):
 
     table = (tmp_path / f"{stem}.md").read_text()
     assert table in printed and "| jax | train |" in table and "| jax | eval |" in table
+    assert "**BUSY**" in table and "SEGJAX_CONV=native" in table and cpu["model"] in table
+    assert f"{written['load_average_before'][0]:.2f} before, {written['load_average_after'][0]:.2f} after" in table
     ev = written["jax"]["eval"]  # the share itself is noise at this size; its definition is checked
     assert math.isclose(ev["confusion_share"], 1 - ev["predict_step_s"] / ev["step_s"]) and "confusion matrix:" in table
 
@@ -78,6 +114,8 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert "old table" not in text and "GPU figures are unmeasured" in text
     row = next(line for line in text.splitlines() if line.startswith(f"| {name} "))
     assert f"| {train['images_per_s']:.2f} | {infer['images_per_s']:.2f} |" in row and written["card"] in row
+    assert row.endswith("**BUSY** |") and f"**BUSY**: {name} started on a busy machine" in text
+    assert "as each run started" in text and "SEGJAX_CONV: native." in text
     readme.write_text("no markers\n")
     with pytest.raises(Exception, match="bench-table"):
         bench.main(["--readme", str(readme), "--results", str(tmp_path)])
@@ -89,7 +127,7 @@ def test_benchmark_against_torchvision(tmp_path):
     name = registered("lraspp_mobilenet_v3_large", "fcn_resnet50")
     assert name in bench.TORCHVISION_SEGMENTATION
     result = bench.main(["--model", name, "--size", "32", "--batch", "1", "--num-classes", "3", "--warmup", "0",
-                         "--iters", "1", "--repeats", "1", "--torch", "--peak-tflops", "1.5"])
+                         "--iters", "1", "--repeats", "1", "--torch", "--peak-tflops", "1.5", "--allow-busy"])
     jax_side, torch_side = result["jax"], result["torch"]
     assert torch_side["device"] == "cpu"
     for mode in ("train", "infer"):
@@ -97,6 +135,57 @@ def test_benchmark_against_torchvision(tmp_path):
         assert math.isclose(result["ratio"][f"{mode}_eager"],
                             jax_side[mode]["images_per_s"] / torch_side["eager"][mode]["images_per_s"])
         assert math.isclose(jax_side[mode]["mfu_model"], jax_side[mode]["tflops_model"] / 1.5)
+
+
+def test_busy_machine_is_refused_in_one_line(tmp_path, capsys):
+    """Above --max-load the run stops before building anything: exit status 2, one line naming the load
+    and why (PyTorch's OpenMP threads under load fake a JAX win), nothing written."""
+    bench = load_benchmark()
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(["--model", "unet", "--size", "16", "--batch", "1", "--max-load", "-1", "--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: refusing")
+    assert re.search(r"the 1-minute load average is \d+\.\d\d, above --max-load -1 ", err), err
+    assert "6-12x" in err and "OpenMP" in err and "--allow-busy" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_busy_threshold_and_conv_method(monkeypatch):
+    bench = load_benchmark()
+    args = bench.parse_args([])
+    assert args.max_load is None and not args.allow_busy and args.conv is None
+    assert bench.busy_check(args, "cpu", [0.4, 3.0, 3.0]) == {"max_load": 0.5, "busy": False}
+    with pytest.raises(SystemExit):
+        bench.busy_check(args, "cpu", [0.6, 0.0, 0.0])
+    # on an accelerator the host only launches kernels: the default allows half its cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert bench.busy_check(args, "gpu", [7.9, 0, 0]) == {"max_load": 8.0, "busy": False}
+    assert bench.busy_check(bench.parse_args(["--allow-busy"]), "gpu", [8.1, 0, 0]) == {"max_load": 8.0, "busy": True}
+    assert bench.busy_check(args, "cpu", None)["busy"] is False  # no load average on this OS: nothing to refuse
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--conv", "fast"])
+
+    # --conv is in the environment when the model is built (segjax reads SEGJAX_CONV), and only then
+    monkeypatch.delenv("SEGJAX_CONV", raising=False)
+    seen = []
+
+    def create(name, **kw):
+        seen.append(os.environ.get("SEGJAX_CONV"))
+        raise KeyboardInterrupt  # stop before any compilation
+
+    monkeypatch.setattr(bench.models, "create", create)
+    for method in bench.CONV_METHODS:
+        with pytest.raises(KeyboardInterrupt):
+            bench.main(["--model", "unet", "--size", "16", "--batch", "1", "--conv", method, "--allow-busy"])
+    assert seen == list(bench.CONV_METHODS) and "SEGJAX_CONV" not in os.environ
+
+
+def test_new_twins_are_found_by_name():
+    bench = load_benchmark()
+    net = bench.torch_reference("deeplabv3plus_resnet50", 2, {"aux": True})
+    assert not isinstance(net, str) and net.aux is not None
+    assert "no PyTorch reference" in bench.torch_reference("not_a_model", 2, {})
 
 
 def test_known_device_peaks():
