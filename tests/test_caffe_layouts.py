@@ -210,3 +210,53 @@ def test_pool5a_is_an_average_pool_counting_the_padding():
     fc6 = np.asarray(state["intermediates"]["fc6"]["__call__"][0])[0, :, :, 0]
     assert fc6.shape == (3, 3)
     np.testing.assert_allclose(fc6, [[4 / 9, 6 / 9, 4 / 9], [6 / 9, 1, 6 / 9], [4 / 9, 6 / 9, 4 / 9]], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ DeepLab v2 (kazuto1011/deeplab-pytorch)
+
+V2_TABLE = json.loads((FIXTURES / "deeplabv2_kazuto_state_dict_shapes.json").read_text())["deeplabv2_msc"]
+V2_MEAN_BGR = (104.008, 116.669, 122.675)
+
+
+def msra_deeplabv2_forward(sd, x):
+    """DeepLab v2 on caffe's MSRA ResNet-101: stride on each stage's first 1x1 ("reduce"), ceil-mode stem
+    pool, res4/res5 at dilation 2/4 in every block, ASPP-L (3x3 rates 6/12/18/24, summed), bilinear resize."""
+    def cbr(h, p, stride=1, pad=0, dil=1, relu=True):
+        h = F.conv2d(h, t(sd, p + ".conv.weight"), None, stride, pad, dil)
+        h = F.batch_norm(h, t(sd, p + ".bn.running_mean"), t(sd, p + ".bn.running_var"), t(sd, p + ".bn.weight"),
+                         t(sd, p + ".bn.bias"), False, 0.0, 1e-5)
+        return F.relu(h) if relu else h
+
+    h = F.max_pool2d(cbr(x, "base.layer1.conv1", 2, 3), 3, 2, 1, ceil_mode=True)
+    for layer, blocks, stride, dil in ((2, 3, 1, 1), (3, 4, 2, 1), (4, 23, 1, 2), (5, 3, 1, 4)):
+        for j in range(1, blocks + 1):
+            p, s = f"base.layer{layer}.block{j}", stride if j == 1 else 1
+            y = cbr(cbr(cbr(h, p + ".reduce", s), p + ".conv3x3", 1, dil, dil), p + ".increase", relu=False)
+            h = F.relu(y + (cbr(h, p + ".shortcut", s, relu=False) if j == 1 else h))
+    out = sum(F.conv2d(h, t(sd, f"base.aspp.c{i}.weight"), t(sd, f"base.aspp.c{i}.bias"), padding=r, dilation=r)
+              for i, r in enumerate((6, 12, 18, 24)))
+    return F.interpolate(out, size=x.shape[2:], mode="bilinear", align_corners=False)
+
+
+def test_deeplabv2_kazuto_layout_is_a_caffe_resnet_and_matches_its_forward():
+    table = {k: tuple(v) for k, v in V2_TABLE.items()}
+    sd = random_state_dict(table, seed=4, gain=0.2, gain_key="increase.bn")  # small last BN gain per block
+    for i in range(4):
+        sd[f"base.aspp.c{i}.weight"] = sd[f"base.aspp.c{i}.weight"] * 0.1
+    variables, meta = convert.convert_state_dict("deeplabv2_resnet101", sd)
+    assert meta["model_kwargs"] == {"num_classes": 21, "resnet_style": "caffe"}
+    assert meta["layout"] == "kazuto1011/deeplab-pytorch"
+    np.testing.assert_allclose(meta["mean"], np.array(V2_MEAN_BGR[::-1]) / 255)
+    np.testing.assert_array_equal(variables["batch_stats"]["backbone"]["layer3"]["22"]["bn3"]["var"],
+                                  sd["base.layer4.block23.increase.bn.running_var"])
+    image = np.random.RandomState(5).randint(0, 256, (26, 31, 3)).astype(np.float32)  # even: ceil stem pool matters
+    with torch.no_grad():
+        want = to_nhwc(msra_deeplabv2_forward(sd, caffe_input(image, V2_MEAN_BGR)))
+    apply = jax.jit(lambda model, v, x: model.apply(v, x, train=False)["out"], static_argnums=0)
+    got = apply(models.create("deeplabv2_resnet101", **meta["model_kwargs"]), variables, our_input(image, meta))
+    err = rel_l2(got, want)
+    print(f"deeplabv2 (kazuto layout) vs MSRA forward: rel L2 {err:.2e}")
+    assert err < 1e-4
+    # torchvision's ResNet on the same weights is another network.
+    assert rel_l2(apply(models.create("deeplabv2_resnet101", num_classes=21), variables, our_input(image, meta)),
+                  want) > 1e-3

@@ -3,6 +3,12 @@
 Our modules mirror torchvision's names, so full checkpoints need no renaming. A segmentation
 model's "backbone" is torchvision's ResNet minus avgpool/fc (IntermediateLayerGetter keeps the
 names), so an ImageNet `resnet50`/`resnet101` state_dict initialises it after dropping "fc.*".
+
+kazuto1011/deeplab-pytorch's DeepLab v2 (its `deeplabv2_resnet101_msc-*.pth` files are the caffe
+models converted) is an MSRA ResNet under a multi-scale wrapper: `base.layer1.conv1.{conv,bn}` is the
+stem, `base.layer{2..5}.block{j}.{reduce,conv3x3,increase,shortcut}.{conv,bn}` our layer1..4 blocks
+j-1 (conv1/bn1, conv2/bn2, conv3/bn3, downsample.0/.1), `base.aspp.c{i}` our classifier.{i}. The
+layout converts it to resnet_style="caffe" with conv1's input channels reversed and the caffe mean.
 """
 from __future__ import annotations
 
@@ -10,7 +16,9 @@ from typing import Mapping
 
 import numpy as np
 
-from segjax.convert import Layout, register_layout
+import re
+
+from segjax.convert import Layout, caffe_normalisation, register_layout
 from segjax.errors import SegjaxError
 
 
@@ -43,3 +51,43 @@ register_layout(["deeplabv3plus_resnet50", "deeplabv3plus_resnet101"],
                 Layout(infer_kwargs=_classes_from("classifier.logits.weight", has_aux=True), backbone=_BACKBONE))
 register_layout("deeplabv2_resnet101", Layout(infer_kwargs=_classes_from("classifier.0.weight", has_aux=False),
                                               backbone=_BACKBONE))
+
+
+# --------------------------------------------------------------------------- kazuto1011/deeplab-pytorch
+
+KAZUTO_MEAN_BGR = (104.008, 116.669, 122.675)  # its configs/voc12.yaml IMAGE.MEAN
+_KAZUTO_PARTS = {"reduce.conv": "conv1", "reduce.bn": "bn1", "conv3x3.conv": "conv2", "conv3x3.bn": "bn2",
+                 "increase.conv": "conv3", "increase.bn": "bn3", "shortcut.conv": "downsample.0",
+                 "shortcut.bn": "downsample.1"}
+
+
+def _strip_msc(state_dict: Mapping[str, np.ndarray]) -> dict:
+    """The multi-scale wrapper (MSC) holds the net as `base`."""
+    return {(k[len("base."):] if k.startswith("base.") else k): v for k, v in state_dict.items()}
+
+
+def _kazuto_rename(key: str) -> str:
+    if key.startswith("layer1.conv1."):
+        part, leaf = key[len("layer1.conv1."):].split(".", 1)
+        return f"backbone.{'conv1' if part == 'conv' else 'bn1'}.{leaf}"
+    block = re.fullmatch(r"layer([2-5])\.block(\d+)\.(\w+\.\w+)\.(\w+)", key)
+    if block and block[3] in _KAZUTO_PARTS:
+        return f"backbone.layer{int(block[1]) - 1}.{int(block[2]) - 1}.{_KAZUTO_PARTS[block[3]]}.{block[4]}"
+    aspp = re.fullmatch(r"aspp\.c(\d+)\.(\w+)", key)
+    if aspp:
+        return f"classifier.{aspp[1]}.{aspp[2]}"
+    return key  # reported as unexpected
+
+
+def _kazuto_kwargs(state_dict: Mapping[str, np.ndarray]) -> dict:
+    sd = _strip_msc(state_dict)
+    if "aspp.c0.weight" not in sd:
+        raise SegjaxError("state_dict has no base.aspp.c0.weight: not a kazuto1011/deeplab-pytorch DeepLab v2")
+    return {"num_classes": int(np.shape(sd["aspp.c0.weight"])[0]), "resnet_style": "caffe"}
+
+
+register_layout("deeplabv2_resnet101",
+                Layout(rename=_kazuto_rename, infer_kwargs=_kazuto_kwargs, prepare=_strip_msc,
+                       matches=lambda sd: "base.layer1.conv1.conv.weight" in sd or "layer1.conv1.conv.weight" in sd,
+                       input_conv="layer1.conv1.conv.weight", bgr=True, reference="kazuto1011/deeplab-pytorch",
+                       **caffe_normalisation(KAZUTO_MEAN_BGR)))

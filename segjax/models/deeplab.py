@@ -198,8 +198,11 @@ def deeplabv3plus_resnet101(num_classes: int = 21, aux: bool = False, output_str
 
 
 @register("deeplabv2_resnet101")
-def deeplabv2_resnet101(num_classes: int = 21, axis_name=None, dtype=None, param_dtype=jnp.float32):
-    backbone = resnet_backbone(101, RESNET_DILATION[8], axis_name=axis_name, dtype=dtype, param_dtype=param_dtype)
+def deeplabv2_resnet101(num_classes: int = 21, axis_name=None, dtype=None, param_dtype=jnp.float32,
+                        resnet_style: str = "torchvision"):
+    """resnet_style="caffe": the MSRA ResNet of the caffe-trained weights (see segjax.models.resnet)."""
+    backbone = resnet_backbone(101, RESNET_DILATION[8], axis_name=axis_name, dtype=dtype, param_dtype=param_dtype,
+                               style=resnet_style)
     classifier = ASPPLargeFOV(num_classes, (6, 12, 18, 24), dtype, param_dtype)
     return SegmentationModel(backbone, classifier, ("layer4",))
 

@@ -8,6 +8,10 @@ Bottleneck puts the stride on the 3x3 conv (ResNet v1.5, as torchvision does).
 multiplies the running dilation by 2 instead; its first block still uses the dilation of the
 stage before it (torchvision's `previous_dilation`), the other blocks the new one.
 
+`style="caffe"` is the MSRA ResNet that caffe-trained DeepLab v2 weights use: a bottleneck's stride
+on its first 1x1 conv, the stem max-pool in ceil mode, and every block of a dilated stage at the
+stage's dilation (the first one too). Parameter names do not change.
+
 Without `num_classes` the network is a backbone returning its features by name:
 "stem" (after conv1/bn1/relu, stride 2, 64 ch), "layer1".."layer4" (strides 4, 8, 16, 32 before dilation).
 With `num_classes` it is the ImageNet classifier (global average pool + fc) returning {"out": (N, C)}.
@@ -57,6 +61,7 @@ class Bottleneck(nn.Module):
     axis_name: str | None = None
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
+    stride_on_1x1: bool = False  # caffe's MSRA ResNet; torchvision (v1.5) strides the 3x3
     expansion = 4
 
     @nn.compact
@@ -64,16 +69,19 @@ class Bottleneck(nn.Module):
         conv, norm, conv_bn = dtype_partials(self.dtype, self.param_dtype, self.axis_name)
         out_channels = self.planes * self.expansion
         identity = x
-        y = nn.relu(norm(name="bn1")(conv(self.planes, 1, name="conv1")(x), train))
-        y = nn.relu(norm(name="bn2")(conv(self.planes, 3, self.stride, dilation=self.dilation, name="conv2")(y), train))
+        s1, s3 = (self.stride, 1) if self.stride_on_1x1 else (1, self.stride)
+        y = nn.relu(norm(name="bn1")(conv(self.planes, 1, s1, name="conv1")(x), train))
+        y = nn.relu(norm(name="bn2")(conv(self.planes, 3, s3, dilation=self.dilation, name="conv2")(y), train))
         y = norm(name="bn3")(conv(out_channels, 1, name="conv3")(y), train)
         if self.downsample:
             identity = conv_bn(out_channels, 1, self.stride, act=None, name="downsample")(x, train)
         return nn.relu(y + identity)
 
 
-def stage_plan(stage_sizes: Sequence[int], expansion: int, replace_stride_with_dilation: Sequence[bool]):
-    """Per stage: list of (stride, dilation, downsample) for each block, as torchvision's `_make_layer`."""
+def stage_plan(stage_sizes: Sequence[int], expansion: int, replace_stride_with_dilation: Sequence[bool],
+               caffe: bool = False):
+    """Per stage: list of (stride, dilation, downsample) for each block, as torchvision's `_make_layer`
+    (caffe: the first block of a dilated stage at the stage's dilation too)."""
     inplanes, dilation, plan = 64, 1, []
     for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), stage_sizes)):
         stride = 1 if i == 0 else 2
@@ -82,7 +90,8 @@ def stage_plan(stage_sizes: Sequence[int], expansion: int, replace_stride_with_d
             dilation *= stride
             stride = 1
         downsample = stride != 1 or inplanes != planes * expansion
-        blocks_plan = [(stride, previous_dilation, downsample)] + [(1, dilation, False)] * (blocks - 1)
+        first_dilation = dilation if caffe else previous_dilation
+        blocks_plan = [(stride, first_dilation, downsample)] + [(1, dilation, False)] * (blocks - 1)
         plan.append((planes, blocks_plan))
         inplanes = planes * expansion
     return plan
@@ -96,12 +105,14 @@ class ResLayer(nn.Module):
     axis_name: str | None = None
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
+    stride_on_1x1: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        extra = {"stride_on_1x1": True} if self.stride_on_1x1 else {}
         for j, (stride, dilation, downsample) in enumerate(self.blocks):
             x = self.block(self.planes, stride, dilation, downsample, self.axis_name, self.dtype,
-                           self.param_dtype, name=str(j))(x, train)
+                           self.param_dtype, **extra, name=str(j))(x, train)
         return x
 
 
@@ -113,19 +124,25 @@ class ResNet(nn.Module):
     axis_name: str | None = None
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
+    style: str = "torchvision"  # or "caffe" (see the module docstring)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        if self.style not in ("torchvision", "caffe"):
+            raise SegjaxError(f"resnet_style={self.style!r}: choose 'torchvision' or 'caffe'")
+        caffe = self.style == "caffe"
+        if caffe and self.block is not Bottleneck:
+            raise SegjaxError("resnet_style='caffe' needs a bottleneck ResNet (50 or deeper)")
         if len(self.replace_stride_with_dilation) != 3:
             raise ValueError("replace_stride_with_dilation needs 3 flags (layer2, layer3, layer4)")
         conv, norm, _ = dtype_partials(self.dtype, self.param_dtype, self.axis_name)
         x = nn.relu(norm(name="bn1")(conv(64, 7, 2, padding=3, name="conv1")(x), train))
         features = {"stem": x}
-        x = max_pool2d(x, 3, 2, padding=1)
-        plan = stage_plan(self.stage_sizes, self.block.expansion, self.replace_stride_with_dilation)
+        x = max_pool2d(x, 3, 2, padding=1, ceil_mode=caffe)
+        plan = stage_plan(self.stage_sizes, self.block.expansion, self.replace_stride_with_dilation, caffe)
         for i, (planes, blocks) in enumerate(plan):
             x = ResLayer(self.block, planes, tuple(blocks), self.axis_name, self.dtype, self.param_dtype,
-                         name=f"layer{i + 1}")(x, train)
+                         stride_on_1x1=caffe, name=f"layer{i + 1}")(x, train)
             features[f"layer{i + 1}"] = x
         if self.num_classes is None:
             return features
