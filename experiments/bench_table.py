@@ -91,7 +91,8 @@ def readme_table(results: list[dict], source: str = "docs/bench_results") -> str
         side = r.get("torch", {}).get(impl)
         if not side:
             return "-"
-        return " / ".join(f"{r['jax'][m]['images_per_s'] / side[m]['images_per_s']:.2f}x" for m in ("train", "infer"))
+        return " / ".join(f"{r['jax'][m]['images_per_s'] / side[m]['images_per_s']:.2f}x" if m in side else "-"
+                          for m in ("train", "infer"))
 
     for r in sorted(results, key=lambda r: (r.get("card", r["device"]), r["model"], r["size"], r["batch"])):
         kw = ", ".join(f"{k}={v}" for k, v in r.get("model_kw", {}).items())

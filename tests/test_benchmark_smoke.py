@@ -39,7 +39,7 @@ def test_benchmark_smoke(tmp_path, capsys, monkeypatch):
     model_kw = ["--model-kw", "base_channels=4"] if name == "unet" else []
     monkeypatch.setenv("SEGJAX_CONV", "auto")
     stem = f"{name}_32x48_b2_float32_cpu"
-    on_disk = []  # the JSON as bench_torch starts and after each variant: saved as it goes, "partial"
+    on_disk = []  # the JSON as bench_torch starts and after each variant's mode: saved as it goes, "partial"
     real_bench_torch = bench.bench_torch
 
     def bench_torch(args, flops, peak, on_variant=None):
@@ -61,9 +61,9 @@ def test_benchmark_smoke(tmp_path, capsys, monkeypatch):
 
     written = json.loads((tmp_path / f"{stem}.json").read_text())
     assert written == json.loads(json.dumps(result)) and "partial" not in written
-    assert [d["partial"] for d in on_disk] == [True, True] and "torch" not in on_disk[0]
+    assert [d["partial"] for d in on_disk] == [True] * 3 and "torch" not in on_disk[0]
     assert on_disk[0]["jax"]["train"]["step_s"] == written["jax"]["train"]["step_s"]
-    assert on_disk[1]["torch"]["eager"]["train"]["step_s"] == written["torch"]["eager"]["train"]["step_s"]
+    assert list(on_disk[1]["torch"]["eager"]) == ["infer"] and on_disk[2]["torch"]["eager"] == written["torch"]["eager"]
 
     # conditions of the run: processor, load before/after, busy flag, convolution lowering
     cpu = written["processor"]
