@@ -17,10 +17,11 @@ GPUs; none on CPU). PyTorch runs in the same process on the same kind of device:
 torch.compile with `--torch-compile`; bf16 there is autocast + channels_last.
 
 Load: every result records the processor (model name, AVX-512 or not) and the load averages before
-and after the run. A run that starts while the machine is busy (1-minute load average above
-`--max-load`: 0.5 on the CPU backend, half the host's cores on an accelerator, where the host only
-launches kernels) is refused: PyTorch's OpenMP threads slow 6-12x under load and XLA's far less,
-which fakes a JAX win. `--allow-busy` runs anyway and flags the result and its table rows BUSY.
+and after the run. A run that starts while the machine is busy is refused: PyTorch's OpenMP threads
+slow 6-12x under load and XLA's far less, which fakes a JAX win. Busy means a 1-minute load average
+above `--max-load`: 0.5 on the CPU backend; on an accelerator, where the host only launches kernels,
+the host's core count (so the last model's compile workers in a suite do not count against the next).
+`--allow-busy` runs anyway and flags the result and its table rows BUSY.
 
 `--conv native|dense|auto` sets SEGJAX_CONV (segjax's convolution lowering) before the models are
 built, and the result records it as "conv_method". With `--out`, the JSON is written after the JAX
@@ -353,7 +354,7 @@ def parse_args(argv):
                         f"{'|'.join(CONV_METHODS)} (default: SEGJAX_CONV as set, else segjax's default, auto)")
     p.add_argument("--max-load", type=float, default=None, metavar="LOAD",
                    help=f"refuse to run when the 1-minute load average is above LOAD (default: {CPU_MAX_LOAD} on "
-                        "the CPU backend, half the host's cores on an accelerator)")
+                        "the CPU backend, the host's core count on an accelerator)")
     p.add_argument("--allow-busy", action="store_true",
                    help="run even above --max-load; the result and its table rows are flagged BUSY")
     p.add_argument("--out", default=None, help="directory for the JSON and Markdown results")
@@ -424,7 +425,7 @@ def conv_lowering() -> dict:
 def max_load(args, platform_name: str) -> float:
     if args.max_load is not None:
         return args.max_load
-    return CPU_MAX_LOAD if platform_name == "cpu" else max(1.0, (os.cpu_count() or 2) / 2)
+    return CPU_MAX_LOAD if platform_name == "cpu" else float(os.cpu_count() or 1)
 
 
 def busy_check(args, platform_name: str, load) -> dict:

@@ -158,10 +158,10 @@ def test_busy_threshold_and_conv_method(monkeypatch):
     assert bench.busy_check(args, "cpu", [0.4, 3.0, 3.0]) == {"max_load": 0.5, "busy": False}
     with pytest.raises(SystemExit):
         bench.busy_check(args, "cpu", [0.6, 0.0, 0.0])
-    # on an accelerator the host only launches kernels: the default allows half its cores
+    # on an accelerator the host only launches kernels: the default allows a load up to its core count
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert bench.busy_check(args, "gpu", [7.9, 0, 0]) == {"max_load": 8.0, "busy": False}
-    assert bench.busy_check(bench.parse_args(["--allow-busy"]), "gpu", [8.1, 0, 0]) == {"max_load": 8.0, "busy": True}
+    assert bench.busy_check(args, "gpu", [15.9, 0, 0]) == {"max_load": 16.0, "busy": False}
+    assert bench.busy_check(bench.parse_args(["--allow-busy"]), "gpu", [16.1, 0, 0]) == {"max_load": 16.0, "busy": True}
     assert bench.busy_check(args, "cpu", None)["busy"] is False  # no load average on this OS: nothing to refuse
     with pytest.raises(SystemExit):
         bench.parse_args(["--conv", "fast"])
