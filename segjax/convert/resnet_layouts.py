@@ -9,6 +9,11 @@ models converted) is an MSRA ResNet under a multi-scale wrapper: `base.layer1.co
 stem, `base.layer{2..5}.block{j}.{reduce,conv3x3,increase,shortcut}.{conv,bn}` our layer1..4 blocks
 j-1 (conv1/bn1, conv2/bn2, conv3/bn3, downsample.0/.1), `base.aspp.c{i}` our classifier.{i}. The
 layout converts it to resnet_style="caffe" with conv1's input channels reversed and the caffe mean.
+
+VainF/DeepLabV3Plus-Pytorch's DeepLab v3+ keeps torchvision's backbone and ASPP names; its decoder is
+one 3x3 conv on [low-level, ASPP] (`classifier.classifier.{0,1}` conv/BN, `.3` the classifier), so
+the layout sets decoder_convs=1, low_level_first=True and output_stride=16, the stride of every
+published `best_deeplabv3plus_*_os16.pth` (`--set output_stride=8` for an os8 file). ImageNet input.
 """
 from __future__ import annotations
 
@@ -91,3 +96,27 @@ register_layout("deeplabv2_resnet101",
                        matches=lambda sd: "base.layer1.conv1.conv.weight" in sd or "layer1.conv1.conv.weight" in sd,
                        input_conv="layer1.conv1.conv.weight", bgr=True, reference="kazuto1011/deeplab-pytorch",
                        **caffe_normalisation(KAZUTO_MEAN_BGR)))
+
+
+# --------------------------------------------------------------------------- VainF/DeepLabV3Plus-Pytorch
+
+_VAINF_HEAD = {"classifier.classifier.0.": "classifier.decoder_0.0.", "classifier.classifier.1.": "classifier.decoder_0.1.",
+               "classifier.classifier.3.": "classifier.logits."}
+
+
+def _vainf_rename(key: str) -> str:
+    for old, new in _VAINF_HEAD.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _vainf_kwargs(state_dict: Mapping[str, np.ndarray]) -> dict:
+    return {"num_classes": int(np.shape(state_dict["classifier.classifier.3.weight"])[0]), "aux": False,
+            "output_stride": 16, "decoder_convs": 1, "low_level_first": True}
+
+
+register_layout(["deeplabv3plus_resnet50", "deeplabv3plus_resnet101"],
+                Layout(rename=_vainf_rename, infer_kwargs=_vainf_kwargs, backbone=_BACKBONE,
+                       matches=lambda sd: "classifier.classifier.3.weight" in sd and "classifier.aspp.project.0.weight" in sd,
+                       reference="VainF/DeepLabV3Plus-Pytorch"))

@@ -9,7 +9,8 @@
 - v3+ (Chen et al. 2018, ECCV): the v3 ASPP as encoder (output stride 16 by default), then a decoder:
   layer1 projected to 48 ch (1x1 + BN + ReLU), the ASPP output bilinearly upsampled to layer1's size,
   concatenated, two 3x3 conv(256) + BN + ReLU (the paper's Table 2 choice; some PyTorch ports use
-  one), and a 1x1 classifier.
+  one), and a 1x1 classifier. VainF/DeepLabV3Plus-Pytorch's head is `decoder_convs=1,
+  low_level_first=True` (one 3x3 conv on [low-level, ASPP]).
 """
 from __future__ import annotations
 
@@ -107,15 +108,18 @@ class DeepLabV3PlusHead(nn.Module):
     axis_name: str | None = None
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
+    decoder_convs: int = 2  # 3x3 conv + BN + ReLU layers after the concat ("decoder_0", ...)
+    low_level_first: bool = False  # concat order: [low-level, ASPP] instead of [ASPP, low-level]
 
     @nn.compact
     def __call__(self, high, low, train: bool = False):
         common = dict(axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
         high = ASPP(tuple(self.rates), 256, self.dropout_rate, **common, name="aspp")(high, train)
         low = ConvBN(self.low_level_features, 1, **common, name="project")(low, train)
-        x = jnp.concatenate([resize(high, low.shape[1:3]), low.astype(high.dtype)], axis=-1)
-        x = ConvBN(256, 3, **common, name="decoder_0")(x, train)
-        x = ConvBN(256, 3, **common, name="decoder_1")(x, train)
+        parts = [resize(high, low.shape[1:3]), low.astype(high.dtype)]
+        x = jnp.concatenate(parts[::-1] if self.low_level_first else parts, axis=-1)
+        for i in range(self.decoder_convs):
+            x = ConvBN(256, 3, **common, name=f"decoder_{i}")(x, train)
         return conv2d(self.channels, 1, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="logits")(x)
 
 
@@ -172,11 +176,12 @@ def deeplabv3_resnet101(num_classes: int = 21, aux: bool = False, output_stride:
 
 
 def _deeplabv3plus_resnet(depth, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate, axis_name, dtype,
-                          param_dtype):
+                          param_dtype, decoder_convs=2, low_level_first=False):
     _check_output_stride(output_stride)
     common = dict(axis_name=axis_name, dtype=dtype, param_dtype=param_dtype)
     backbone = resnet_backbone(depth, RESNET_DILATION[output_stride], **common)
-    classifier = DeepLabV3PlusHead(num_classes, ASPP_RATES[output_stride], 48, dropout_rate, **common)
+    classifier = DeepLabV3PlusHead(num_classes, ASPP_RATES[output_stride], 48, dropout_rate, **common,
+                                   decoder_convs=int(decoder_convs), low_level_first=bool(low_level_first))
     aux_classifier = FCNHead(num_classes, _aux_rate(dropout_rate, aux_dropout_rate), **common) if aux else None
     return SegmentationModel(backbone, classifier, ("layer4", "layer1"), aux_classifier, "layer3")
 
@@ -184,17 +189,19 @@ def _deeplabv3plus_resnet(depth, num_classes, aux, output_stride, dropout_rate, 
 @register("deeplabv3plus_resnet50")
 def deeplabv3plus_resnet50(num_classes: int = 21, aux: bool = False, output_stride: int = 16,
                            dropout_rate: float = 0.1, aux_dropout_rate: float | None = None, axis_name=None,
-                           dtype=None, param_dtype=jnp.float32):
+                           dtype=None, param_dtype=jnp.float32, decoder_convs: int = 2, low_level_first: bool = False):
+    """decoder_convs / low_level_first: the decoder variant (see DeepLabV3PlusHead)."""
     return _deeplabv3plus_resnet(50, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate, axis_name,
-                                 dtype, param_dtype)
+                                 dtype, param_dtype, decoder_convs, low_level_first)
 
 
 @register("deeplabv3plus_resnet101")
 def deeplabv3plus_resnet101(num_classes: int = 21, aux: bool = False, output_stride: int = 16,
                             dropout_rate: float = 0.1, aux_dropout_rate: float | None = None, axis_name=None,
-                            dtype=None, param_dtype=jnp.float32):
+                            dtype=None, param_dtype=jnp.float32, decoder_convs: int = 2, low_level_first: bool = False):
+    """decoder_convs / low_level_first: the decoder variant (see DeepLabV3PlusHead)."""
     return _deeplabv3plus_resnet(101, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate, axis_name,
-                                 dtype, param_dtype)
+                                 dtype, param_dtype, decoder_convs, low_level_first)
 
 
 @register("deeplabv2_resnet101")
