@@ -155,24 +155,30 @@ class DataParallel:
         return jax.device_put(x, self.replicated)
 
 
-_CACHE_HIT = "/jax/compilation_cache/cache_hits"
-_cache_hits = [0, False]  # hits so far in this process, listener registered
+class _CacheHits:
+    """Counts JAX's persistent-cache hits in this process (a jax.monitoring listener, registered once)."""
+    count = 0
+    listening = False
 
+    @classmethod
+    def now(cls) -> int:
+        if not cls.listening:
+            jax.monitoring.register_event_listener(cls._event)
+            cls.listening = True
+        return cls.count
 
-def _count_cache_hit(event: str, **kwargs) -> None:
-    if event == _CACHE_HIT:
-        _cache_hits[0] += 1
+    @classmethod
+    def _event(cls, event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            cls.count += 1
 
 
 def compile_timed(jitted, *args, kind: str = "step") -> dict:
     """Traces, lowers and compiles `jitted` for `args`: {"<kind>_compile_s": wall seconds, "cache_hit":
     whether JAX's persistent compilation cache supplied the executable}."""
-    if not _cache_hits[1]:
-        jax.monitoring.register_event_listener(_count_cache_hit)
-        _cache_hits[1] = True
-    hits, t0 = _cache_hits[0], time.perf_counter()
+    hits, t0 = _CacheHits.now(), time.perf_counter()
     jitted.lower(*args).compile()
-    return {f"{kind}_compile_s": time.perf_counter() - t0, "cache_hit": _cache_hits[0] > hits}
+    return {f"{kind}_compile_s": time.perf_counter() - t0, "cache_hit": _CacheHits.now() > hits}
 
 
 def make_loss_fn(kind: str, num_classes: int, aux_weight: float = 0.5, dice_weight: float = 1.0,
