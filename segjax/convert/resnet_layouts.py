@@ -14,6 +14,11 @@ VainF/DeepLabV3Plus-Pytorch's DeepLab v3+ keeps torchvision's backbone and ASPP 
 one 3x3 conv on [low-level, ASPP] (`classifier.classifier.{0,1}` conv/BN, `.3` the classifier), so
 the layout sets decoder_convs=1, low_level_first=True and output_stride=16, the stride of every
 published `best_deeplabv3plus_*_os16.pth` (`--set output_stride=8` for an os8 file). ImageNet input.
+
+jfzhang95/pytorch-deeplab-xception's ResNet DeepLab v3+ (`deeplab-resnet.pth.tar`, a {"epoch",
+"state_dict", "optimizer", "best_pred"} dict, output stride 16) has torchvision's backbone names and
+its own head names (aspp.aspp1..4, aspp.global_avg_pool, decoder.last_conv); the layout sets
+multi_grid=(1, 2, 4) (layer4 at dilations 2/4/8) and align_corners=True. ImageNet input.
 """
 from __future__ import annotations
 
@@ -120,3 +125,34 @@ register_layout(["deeplabv3plus_resnet50", "deeplabv3plus_resnet101"],
                 Layout(rename=_vainf_rename, infer_kwargs=_vainf_kwargs, backbone=_BACKBONE,
                        matches=lambda sd: "classifier.classifier.3.weight" in sd and "classifier.aspp.project.0.weight" in sd,
                        reference="VainF/DeepLabV3Plus-Pytorch"))
+
+
+# --------------------------------------------------------------------------- jfzhang95/pytorch-deeplab-xception
+
+def _jfzhang95_rename(key: str) -> str:
+    """aspp.aspp{k}.{atrous_conv,bn}, aspp.global_avg_pool.{1,2}, aspp.{conv1,bn1}, decoder.{conv1,bn1},
+    decoder.last_conv.{0,1,4,5,8} -> our v3+ head (torchvision's ASPP names, decoder_0/1, logits)."""
+    m = re.fullmatch(r"aspp\.aspp(\d)\.(atrous_conv|bn)\.(\w+)", key)
+    if m:
+        return f"classifier.aspp.convs.{int(m[1]) - 1}.{0 if m[2] == 'atrous_conv' else 1}.{m[3]}"
+    table = {"aspp.global_avg_pool.1.": "classifier.aspp.convs.4.1.", "aspp.global_avg_pool.2.": "classifier.aspp.convs.4.2.",
+             "aspp.conv1.": "classifier.aspp.project.0.", "aspp.bn1.": "classifier.aspp.project.1.",
+             "decoder.conv1.": "classifier.project.0.", "decoder.bn1.": "classifier.project.1.",
+             "decoder.last_conv.0.": "classifier.decoder_0.0.", "decoder.last_conv.1.": "classifier.decoder_0.1.",
+             "decoder.last_conv.4.": "classifier.decoder_1.0.", "decoder.last_conv.5.": "classifier.decoder_1.1.",
+             "decoder.last_conv.8.": "classifier.logits."}
+    for old, new in table.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _jfzhang95_kwargs(state_dict: Mapping[str, np.ndarray]) -> dict:
+    return {"num_classes": int(np.shape(state_dict["decoder.last_conv.8.weight"])[0]), "aux": False,
+            "output_stride": 16, "multi_grid": [1, 2, 4], "align_corners": True}
+
+
+register_layout(["deeplabv3plus_resnet50", "deeplabv3plus_resnet101"],
+                Layout(rename=_jfzhang95_rename, infer_kwargs=_jfzhang95_kwargs, backbone=_BACKBONE,
+                       matches=lambda sd: "decoder.last_conv.8.weight" in sd and "aspp.aspp1.atrous_conv.weight" in sd,
+                       reference="jfzhang95/pytorch-deeplab-xception"))

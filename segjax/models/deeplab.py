@@ -110,13 +110,14 @@ class DeepLabV3PlusHead(nn.Module):
     param_dtype: Dtype = jnp.float32
     decoder_convs: int = 2  # 3x3 conv + BN + ReLU layers after the concat ("decoder_0", ...)
     low_level_first: bool = False  # concat order: [low-level, ASPP] instead of [ASPP, low-level]
+    align_corners: bool = False  # of the ASPP output's resize to the low-level features
 
     @nn.compact
     def __call__(self, high, low, train: bool = False):
         common = dict(axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
         high = ASPP(tuple(self.rates), 256, self.dropout_rate, **common, name="aspp")(high, train)
         low = ConvBN(self.low_level_features, 1, **common, name="project")(low, train)
-        parts = [resize(high, low.shape[1:3]), low.astype(high.dtype)]
+        parts = [resize(high, low.shape[1:3], "bilinear", align_corners=self.align_corners), low.astype(high.dtype)]
         x = jnp.concatenate(parts[::-1] if self.low_level_first else parts, axis=-1)
         for i in range(self.decoder_convs):
             x = ConvBN(256, 3, **common, name=f"decoder_{i}")(x, train)
@@ -176,32 +177,39 @@ def deeplabv3_resnet101(num_classes: int = 21, aux: bool = False, output_stride:
 
 
 def _deeplabv3plus_resnet(depth, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate, axis_name, dtype,
-                          param_dtype, decoder_convs=2, low_level_first=False):
+                          param_dtype, decoder_convs=2, low_level_first=False, multi_grid=None, align_corners=False):
     _check_output_stride(output_stride)
     common = dict(axis_name=axis_name, dtype=dtype, param_dtype=param_dtype)
-    backbone = resnet_backbone(depth, RESNET_DILATION[output_stride], **common)
+    multi_grid = None if multi_grid is None else tuple(int(g) for g in multi_grid)  # a list after JSON
+    backbone = resnet_backbone(depth, RESNET_DILATION[output_stride], multi_grid=multi_grid, **common)
     classifier = DeepLabV3PlusHead(num_classes, ASPP_RATES[output_stride], 48, dropout_rate, **common,
-                                   decoder_convs=int(decoder_convs), low_level_first=bool(low_level_first))
+                                   decoder_convs=int(decoder_convs), low_level_first=bool(low_level_first),
+                                   align_corners=bool(align_corners))
     aux_classifier = FCNHead(num_classes, _aux_rate(dropout_rate, aux_dropout_rate), **common) if aux else None
-    return SegmentationModel(backbone, classifier, ("layer4", "layer1"), aux_classifier, "layer3")
+    return SegmentationModel(backbone, classifier, ("layer4", "layer1"), aux_classifier, "layer3",
+                             align_corners=bool(align_corners))
 
 
 @register("deeplabv3plus_resnet50")
 def deeplabv3plus_resnet50(num_classes: int = 21, aux: bool = False, output_stride: int = 16,
                            dropout_rate: float = 0.1, aux_dropout_rate: float | None = None, axis_name=None,
-                           dtype=None, param_dtype=jnp.float32, decoder_convs: int = 2, low_level_first: bool = False):
-    """decoder_convs / low_level_first: the decoder variant (see DeepLabV3PlusHead)."""
+                           dtype=None, param_dtype=jnp.float32, decoder_convs: int = 2, low_level_first: bool = False,
+                           multi_grid: Sequence[int] | None = None, align_corners: bool = False):
+    """decoder_convs / low_level_first: the decoder variant (see DeepLabV3PlusHead); multi_grid: layer4's
+    dilation factors (e.g. (1, 2, 4)); align_corners: of the decoder's and the final resize."""
     return _deeplabv3plus_resnet(50, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate, axis_name,
-                                 dtype, param_dtype, decoder_convs, low_level_first)
+                                 dtype, param_dtype, decoder_convs, low_level_first, multi_grid, align_corners)
 
 
 @register("deeplabv3plus_resnet101")
 def deeplabv3plus_resnet101(num_classes: int = 21, aux: bool = False, output_stride: int = 16,
                             dropout_rate: float = 0.1, aux_dropout_rate: float | None = None, axis_name=None,
-                            dtype=None, param_dtype=jnp.float32, decoder_convs: int = 2, low_level_first: bool = False):
-    """decoder_convs / low_level_first: the decoder variant (see DeepLabV3PlusHead)."""
+                            dtype=None, param_dtype=jnp.float32, decoder_convs: int = 2, low_level_first: bool = False,
+                            multi_grid: Sequence[int] | None = None, align_corners: bool = False):
+    """decoder_convs / low_level_first: the decoder variant (see DeepLabV3PlusHead); multi_grid: layer4's
+    dilation factors (e.g. (1, 2, 4)); align_corners: of the decoder's and the final resize."""
     return _deeplabv3plus_resnet(101, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate, axis_name,
-                                 dtype, param_dtype, decoder_convs, low_level_first)
+                                 dtype, param_dtype, decoder_convs, low_level_first, multi_grid, align_corners)
 
 
 @register("deeplabv2_resnet101")

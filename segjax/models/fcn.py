@@ -47,14 +47,16 @@ class SegmentationModel(nn.Module):
     in_keys: Sequence[str] = ("layer4",)
     aux_classifier: nn.Module | None = None
     aux_key: str = "layer3"
+    align_corners: bool = False  # of the final resize (torchvision: False)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         size = x.shape[1:3]
         features = self.backbone(x, train)
-        outputs = {"out": resize(self.classifier(*(features[k] for k in self.in_keys), train=train), size)}
+        up = lambda y: resize(y, size, "bilinear", align_corners=self.align_corners)  # noqa: E731
+        outputs = {"out": up(self.classifier(*(features[k] for k in self.in_keys), train=train))}
         if self.aux_classifier is not None:
-            outputs["aux"] = resize(self.aux_classifier(features[self.aux_key], train=train), size)
+            outputs["aux"] = up(self.aux_classifier(features[self.aux_key], train=train))
         return outputs
 
 

@@ -12,6 +12,10 @@ stage before it (torchvision's `previous_dilation`), the other blocks the new on
 on its first 1x1 conv, the stem max-pool in ceil mode, and every block of a dilated stage at the
 stage's dilation (the first one too). Parameter names do not change.
 
+`multi_grid` (DeepLab v3's, e.g. (1, 2, 4)): layer4's blocks at its dilation times these factors;
+with it, as in DeepLab v3 and its multi-grid ports, every block of a dilated stage (its first one
+too) runs at the stage's dilation.
+
 Without `num_classes` the network is a backbone returning its features by name:
 "stem" (after conv1/bn1/relu, stride 2, 64 ch), "layer1".."layer4" (strides 4, 8, 16, 32 before dilation).
 With `num_classes` it is the ImageNet classifier (global average pool + fc) returning {"out": (N, C)}.
@@ -79,9 +83,13 @@ class Bottleneck(nn.Module):
 
 
 def stage_plan(stage_sizes: Sequence[int], expansion: int, replace_stride_with_dilation: Sequence[bool],
-               caffe: bool = False):
+               caffe: bool = False, multi_grid: Sequence[int] | None = None):
     """Per stage: list of (stride, dilation, downsample) for each block, as torchvision's `_make_layer`
-    (caffe: the first block of a dilated stage at the stage's dilation too)."""
+    (caffe or multi_grid: the first block of a dilated stage at the stage's dilation too; multi_grid:
+    layer4's block j at its dilation x multi_grid[j])."""
+    if multi_grid is not None and len(multi_grid) != stage_sizes[3]:
+        raise SegjaxError(f"multi_grid={list(multi_grid)}: needs one factor per layer4 block ({stage_sizes[3]})")
+    caffe = caffe or multi_grid is not None
     inplanes, dilation, plan = 64, 1, []
     for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), stage_sizes)):
         stride = 1 if i == 0 else 2
@@ -92,6 +100,8 @@ def stage_plan(stage_sizes: Sequence[int], expansion: int, replace_stride_with_d
         downsample = stride != 1 or inplanes != planes * expansion
         first_dilation = dilation if caffe else previous_dilation
         blocks_plan = [(stride, first_dilation, downsample)] + [(1, dilation, False)] * (blocks - 1)
+        if i == 3 and multi_grid is not None:
+            blocks_plan = [(s, dilation * int(g), d) for (s, _, d), g in zip(blocks_plan, multi_grid)]
         plan.append((planes, blocks_plan))
         inplanes = planes * expansion
     return plan
@@ -125,6 +135,7 @@ class ResNet(nn.Module):
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
     style: str = "torchvision"  # or "caffe" (see the module docstring)
+    multi_grid: Sequence[int] | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -139,7 +150,8 @@ class ResNet(nn.Module):
         x = nn.relu(norm(name="bn1")(conv(64, 7, 2, padding=3, name="conv1")(x), train))
         features = {"stem": x}
         x = max_pool2d(x, 3, 2, padding=1, ceil_mode=caffe)
-        plan = stage_plan(self.stage_sizes, self.block.expansion, self.replace_stride_with_dilation, caffe)
+        multi_grid = None if self.multi_grid is None else tuple(self.multi_grid)
+        plan = stage_plan(self.stage_sizes, self.block.expansion, self.replace_stride_with_dilation, caffe, multi_grid)
         for i, (planes, blocks) in enumerate(plan):
             x = ResLayer(self.block, planes, tuple(blocks), self.axis_name, self.dtype, self.param_dtype,
                          stride_on_1x1=caffe, name=f"layer{i + 1}")(x, train)
