@@ -108,6 +108,8 @@ def _add_eval(sub):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--multi-scale", action="store_true", help="average scales 0.5-1.75 (DeepLab v3)")
     p.add_argument("--flip", action="store_true", help="also average horizontal flips")
+    p.add_argument("--ms-rule", default="mean-probs", choices=["mean-probs", "max-logits"],
+                   help="with --multi-scale: mean-probs (DeepLab v3) or max-logits at 1/0.75/0.5 (DeepLab v2)")
     p.add_argument("--batch-size", type=int, default=8)
     _add_cache_flag(p)
     p.set_defaults(run=_run_eval)
@@ -120,7 +122,7 @@ def _run_eval(args):
     _quiet_orbax()
     scores, names, meta = evaluate.evaluate(args.checkpoint or args.workdir, dataset=args.dataset, split=args.split,
                                             data_dir=args.data_dir, multi_scale=args.multi_scale, flip=args.flip,
-                                            batch_size=args.batch_size)
+                                            batch_size=args.batch_size, ms_rule=args.ms_rule)
     if "confusion" in scores or "iou" in scores:
         print(metrics.format_table(scores, names))
     else:

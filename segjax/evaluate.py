@@ -9,6 +9,8 @@ from segjax import checkpoint
 from segjax.errors import SegjaxError
 
 DEEPLAB_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# Multi-scale rule -> scales: DeepLab v3's averaged softmax, DeepLab v2's max of logits at 1, 0.75, 0.5.
+MS_SCALES = {"mean-probs": DEEPLAB_SCALES, "max-logits": (0.5, 0.75, 1.0)}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -31,7 +33,8 @@ def load_for_inference(path: str):
 
 
 def evaluate(path: str, *, dataset: str | None = None, split: str | None = None, data_dir: str | None = None,
-             multi_scale: bool = False, flip: bool = False, batch_size: int = 8) -> tuple[dict, list[str], dict]:
+             multi_scale: bool = False, flip: bool = False, batch_size: int = 8,
+             ms_rule: str = "mean-probs") -> tuple[dict, list[str], dict]:
     """Returns (scores, class names, checkpoint meta)."""
     from segjax import data
     from segjax import train as T
@@ -54,9 +57,11 @@ def evaluate(path: str, *, dataset: str | None = None, split: str | None = None,
     if state.task == "segmentation" and len(names) > state.num_classes:
         raise SegjaxError(f"{path}: the checkpoint predicts {state.num_classes} classes but data set '{dataset}' has "
                           f"{len(names)}; evaluate it on the data set it was trained on (--dataset)")
-    scales = DEEPLAB_SCALES if multi_scale else tuple(config.get("eval_scales", (1.0,)))
+    if ms_rule not in MS_SCALES:
+        raise SegjaxError(f"--ms-rule {ms_rule}: choose one of {', '.join(MS_SCALES)}")
+    scales = MS_SCALES[ms_rule] if multi_scale else tuple(config.get("eval_scales", (1.0,)))
     import jax
-    parallel = T.DataParallel(T.make_mesh(), scales, flip or bool(config.get("eval_flip", False)))
+    parallel = T.DataParallel(T.make_mesh(), scales, flip or bool(config.get("eval_flip", False)), ms_rule)
     batch_size = max(batch_size - batch_size % jax.device_count(), jax.device_count())
     loader = data.make_eval_loader(source, batch_size=batch_size, base_size=config.get("base_size"), mean=tuple(meta.get("mean", IMAGENET_MEAN)),
                                    std=tuple(meta.get("std", IMAGENET_STD)))

@@ -102,11 +102,13 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, axis_name: str | 
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict, scales=(1.0,), flip: bool = False, axis_name: str | None = None):
+def eval_step(state: TrainState, batch: dict, scales=(1.0,), flip: bool = False, axis_name: str | None = None,
+              ms_rule: str = "mean-probs"):
     """Sums over a batch: {"confusion": (C, C) int32} (segmentation) or saliency sums (saliency)."""
     from segjax import metrics
 
-    probs = inference.predict_probs(state.apply_fn, state.variables, batch["image"], scales, flip, state.task)
+    probs = inference.predict_probs(state.apply_fn, state.variables, batch["image"], scales, flip, state.task,
+                                    ms_rule)
     if state.task == "saliency":
         sums = metrics.saliency_sums(probs[..., 0], batch["mask"])
     else:
@@ -126,13 +128,13 @@ def make_mesh(devices=None) -> Mesh:
 class DataParallel:
     """The jitted steps over a mesh: batch sharded along "data", everything else replicated."""
 
-    def __init__(self, mesh: Mesh, scales=(1.0,), flip: bool = False):
+    def __init__(self, mesh: Mesh, scales=(1.0,), flip: bool = False, ms_rule: str = "mean-probs"):
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
         self.data = NamedSharding(mesh, P("data"))
         self.train_step = jax.jit(train_step, in_shardings=(self.replicated, self.data, self.replicated),
                                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-        self.eval_step = jax.jit(functools.partial(eval_step, scales=tuple(scales), flip=flip),
+        self.eval_step = jax.jit(functools.partial(eval_step, scales=tuple(scales), flip=flip, ms_rule=ms_rule),
                                  in_shardings=(self.replicated, self.data), out_shardings=self.replicated)
         self.compiled: dict = {}  # "train" / "eval" -> {"<kind>_compile_s": seconds, "cache_hit": bool}
 
