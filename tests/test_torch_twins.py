@@ -24,6 +24,8 @@ def twin_param_count(twin):
 
 
 @pytest.mark.parametrize("name, kw", [("deeplabv3plus_resnet50", {}), ("deeplabv3plus_resnet50", dict(aux=True)),
+                                      ("deeplabv3plus_resnet50", dict(decoder_convs=1, low_level_first=True,
+                                                                      align_corners=True)),
                                       ("fcn8s_vgg16", {})])
 def test_twin_matches_segjax(name, kw):
     twin = getattr(torch_reference, name)(num_classes=3, **kw).eval()
@@ -46,6 +48,11 @@ def test_fcn_vgg_heads_match_segjax(name):
     params = {k: v for k, v in shapes["params"].items() if k != "backbone"}
     assert head == analysis.param_count(params) > 0
     assert twin_param_count(twin) == analysis.param_count(shapes)
+
+
+def test_deeplabv3plus_twin_refuses_what_it_cannot_build():
+    with pytest.raises(NotImplementedError, match="multi_grid"):
+        torch_reference.deeplabv3plus_resnet50(num_classes=2, multi_grid=(1, 2, 4))
 
 
 def test_fcn_upsamplers_start_bilinear_as_segjax():

@@ -187,9 +187,12 @@ class DeepLabV3Plus(nn.Module):
     DILATE = {8: [False, True, True], 16: [False, False, True]}
 
     def __init__(self, depth: int, num_classes: int, aux: bool = False, output_stride: int = 16,
-                 dropout_rate: float = 0.1, aux_dropout_rate: float | None = None):
+                 dropout_rate: float = 0.1, aux_dropout_rate: float | None = None, decoder_convs: int = 2,
+                 low_level_first: bool = False, align_corners: bool = False):
         super().__init__()
         import torchvision
+
+        self.low_level_first, self.align_corners = low_level_first, align_corners
 
         resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None,
                                                                replace_stride_with_dilation=self.DILATE[output_stride])
@@ -197,7 +200,7 @@ class DeepLabV3Plus(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
         self.aspp = AtrousPyramid(2048, self.RATES[output_stride], 256, dropout_rate)
         self.low_project = conv_bn_act(256, 48, 1)
-        self.decoder = nn.Sequential(conv_bn_act(256 + 48, 256, 3), conv_bn_act(256, 256, 3))
+        self.decoder = nn.Sequential(*(conv_bn_act(256 if i else 256 + 48, 256, 3) for i in range(decoder_convs)))
         self.logits = nn.Conv2d(256, num_classes, 1)
         if aux_dropout_rate is None:
             aux_dropout_rate = 0.1 if dropout_rate > 0 else 0.0
@@ -208,25 +211,41 @@ class DeepLabV3Plus(nn.Module):
         mid = self.layer3(self.layer2(low))
         high = self.aspp(self.layer4(mid))
         low = self.low_project(low)
-        y = torch.cat([_resize_to(high, low.shape[2:]), low], 1)
-        out = {"out": _resize_to(self.logits(self.decoder(y)), x.shape[2:])}
+        parts = [_resize_to(high, low.shape[2:], self.align_corners), low]
+        y = torch.cat(parts[::-1] if self.low_level_first else parts, 1)
+        out = {"out": _resize_to(self.logits(self.decoder(y)), x.shape[2:], self.align_corners)}
         if self.aux is not None:
-            out["aux"] = _resize_to(self.aux(mid), x.shape[2:])
+            out["aux"] = _resize_to(self.aux(mid), x.shape[2:], self.align_corners)
         return out
 
 
-def _resize_to(x, size):
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+def _resize_to(x, size, align_corners: bool = False):
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+def _deeplabv3plus(depth, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate, multi_grid, head_kw):
+    if multi_grid is not None:
+        raise NotImplementedError("the DeepLab v3+ twin has no multi_grid (torchvision's ResNet dilates layer4 "
+                                  "uniformly); benchmark without it")
+    return DeepLabV3Plus(depth, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate, **head_kw)
 
 
 def deeplabv3plus_resnet50(num_classes: int = 21, aux: bool = False, output_stride: int = 16,
-                           dropout_rate: float = 0.1, aux_dropout_rate: float | None = None, **_) -> DeepLabV3Plus:
-    return DeepLabV3Plus(50, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate)
+                           dropout_rate: float = 0.1, aux_dropout_rate: float | None = None, decoder_convs: int = 2,
+                           low_level_first: bool = False, multi_grid=None, align_corners: bool = False,
+                           **_) -> DeepLabV3Plus:
+    return _deeplabv3plus(50, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate, multi_grid,
+                          dict(decoder_convs=decoder_convs, low_level_first=low_level_first,
+                               align_corners=align_corners))
 
 
 def deeplabv3plus_resnet101(num_classes: int = 21, aux: bool = False, output_stride: int = 16,
-                            dropout_rate: float = 0.1, aux_dropout_rate: float | None = None, **_) -> DeepLabV3Plus:
-    return DeepLabV3Plus(101, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate)
+                            dropout_rate: float = 0.1, aux_dropout_rate: float | None = None, decoder_convs: int = 2,
+                            low_level_first: bool = False, multi_grid=None, align_corners: bool = False,
+                            **_) -> DeepLabV3Plus:
+    return _deeplabv3plus(101, num_classes, aux, output_stride, dropout_rate, aux_dropout_rate, multi_grid,
+                          dict(decoder_convs=decoder_convs, low_level_first=low_level_first,
+                               align_corners=align_corners))
 
 
 # ---------------------------------------------------------------------------------------------- FCN (VGG16)
