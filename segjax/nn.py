@@ -49,6 +49,7 @@ kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "norma
 # gives the measurements behind `auto`.
 
 CONV_METHODS = ("native", "dense", "auto")
+TAPS_MIN_CHANNELS2 = 256 * 256  # below it, XLA:CPU's conv beat the per-tap matmuls (backward)
 
 
 _LOWERING: dict = {}  # set by `conv_lowering` (tests, benchmarks); otherwise $SEGJAX_CONV decides
@@ -77,8 +78,9 @@ def conv_lowering(method: str | None = None, backend: str | None = None):
 def conv_plan(method: str | None = None, backend: str | None = None) -> dict:
     """What each kind of conv lowers to under `method` on `backend` (default: the current ones).
 
-    atrous: "native" (rhs_dilation), "trim" (dead taps dropped, the rest native) or
-    "dense" (trim + space-to-batch); transposed: "native" (lhs_dilation) or "subpixel";
+    atrous: "native" (rhs_dilation), "taps" (a matmul per tap over its valid outputs, for convs of
+    at least TAPS_MIN_CHANNELS2 in x out channels; narrower ones trimmed, then native) or "dense"
+    (dead taps trimmed, then space-to-batch); transposed: "native" (lhs_dilation) or "subpixel";
     depthwise: "native" (grouped conv) or "shifted" (multiply-adds).
     """
     method = method or conv_method()
@@ -90,9 +92,10 @@ def conv_plan(method: str | None = None, backend: str | None = None) -> dict:
     if method == "dense" or backend != "cpu":
         # GPU/TPU: XLA's dilated convolutions are its slow path; cuDNN has fast depthwise kernels.
         return {"atrous": "dense", "transposed": "subpixel", "depthwise": "native" if method == "auto" else "shifted"}
-    # CPU, measured (docs/benchmarks.md): trimming always pays; space-to-batch does not beat
-    # XLA:CPU's own dilated conv; sub-pixel and shifted multiply-adds beat XLA:CPU by 2-40x.
-    return {"atrous": "trim", "transposed": "subpixel", "depthwise": "shifted"}
+    # CPU, measured (docs/benchmarks.md): space-to-batch is slower than XLA:CPU's dilated conv;
+    # matmuls over each tap's valid outputs beat it on wide convs, trimming plus the native conv
+    # on narrow ones; sub-pixel and shifted multiply-adds beat XLA:CPU's own lowering by 2-40x.
+    return {"atrous": "taps", "transposed": "subpixel", "depthwise": "shifted"}
 
 
 def _live_taps(size: int, k: int, stride: int, dilation: int, lo: int, hi: int) -> tuple[int, int]:
@@ -154,6 +157,72 @@ def _dilate_kernel(kernel: Array, dilation) -> Array:
     return out.at[::dh, ::dw].set(kernel)
 
 
+def _tap_regions(size: int, k: int, dilation: int, lo: int, out: int) -> list:
+    """Per tap along one axis: (first output, end output, input offset) where it reads real input, or None."""
+    regions = []
+    for i in range(k):
+        offset = i * dilation - lo
+        first, end = max(0, -offset), min(out, size - offset)
+        regions.append((first, end, offset) if first < end else None)
+    return regions
+
+
+def _live_tap_products(x: Array, kernel: Array, out_hw, dilation, padding):
+    """(i, j, output window, input window) for every tap with a non-empty valid region (stride 1)."""
+    rows = _tap_regions(x.shape[1], kernel.shape[0], dilation[0], padding[0][0], out_hw[0])
+    cols = _tap_regions(x.shape[2], kernel.shape[1], dilation[1], padding[1][0], out_hw[1])
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            if r is not None and c is not None:
+                yield i, j, (slice(r[0], r[1]), slice(c[0], c[1])), (slice(r[0] + r[2], r[1] + r[2]),
+                                                                    slice(c[0] + c[2], c[1] + c[2]))
+
+
+def _scatter_sum(parts, shape):
+    """Sum of (window, value) pairs placed into zeros of `shape` (NHWC, windows over H and W)."""
+    total = None
+    for (rows, cols), value in parts:
+        pads = ((0, 0), (rows.start, shape[1] - rows.stop), (cols.start, shape[2] - cols.stop), (0, 0))
+        value = jnp.pad(value, pads)
+        total = value if total is None else total + value
+    return jnp.zeros(shape, parts[0][1].dtype) if total is None else total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _taps_conv(x: Array, kernel: Array, dilation, padding) -> Array:
+    """Stride-1 conv as one matmul per live tap over the outputs where that tap reads real input.
+
+    No multiply-add touches padding: an ASPP rate of 12 on a 16 px map does 4x fewer FLOPs than a
+    conv that pads. Its gradients have the same form (hence the custom VJP; autodiff of the pads
+    and slices was 1.5-3x slower on XLA:CPU).
+    """
+    return _taps_forward(x, kernel, dilation, padding)[0]
+
+
+def _conv_out_hw(x_shape, kernel_shape, dilation, padding):
+    return tuple(x_shape[1 + a] + sum(padding[a]) - dilation[a] * (kernel_shape[a] - 1) for a in (0, 1))
+
+
+def _taps_forward(x, kernel, dilation, padding):
+    out_hw = _conv_out_hw(x.shape, kernel.shape, dilation, padding)
+    parts = [(o, x[:, xi[0], xi[1]] @ kernel[i, j]) for i, j, o, xi in _live_tap_products(x, kernel, out_hw, dilation, padding)]
+    return _scatter_sum(parts, (x.shape[0], *out_hw, kernel.shape[-1])), (x, kernel)
+
+
+def _taps_backward(dilation, padding, residuals, g):
+    x, kernel = residuals
+    out_hw = g.shape[1:3]
+    dx_parts, dkernel = [], jnp.zeros_like(kernel)
+    for i, j, o, xi in _live_tap_products(x, kernel, out_hw, dilation, padding):
+        g_tap = g[:, o[0], o[1]]
+        dx_parts.append((xi, g_tap @ kernel[i, j].T))
+        dkernel = dkernel.at[i, j].set(jnp.einsum("nhwc,nhwo->co", x[:, xi[0], xi[1]], g_tap))
+    return _scatter_sum(dx_parts, x.shape), dkernel
+
+
+_taps_conv.defvjp(_taps_forward, _taps_backward)
+
+
 def conv(x: Array, kernel: Array, stride=1, padding=0, dilation=1, groups: int = 1,
          method: str | None = None) -> Array:
     """`F.conv2d` for NHWC `x` and HWIO `kernel` (kh, kw, in/groups, out), lowered per `conv_plan`.
@@ -172,6 +241,8 @@ def conv(x: Array, kernel: Array, stride=1, padding=0, dilation=1, groups: int =
     if dilation == (1, 1) or plan["atrous"] == "native":
         return jax.lax.conv_general_dilated(x, kernel, stride, padding, rhs_dilation=dilation,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    if plan["atrous"] == "taps" and stride == (1, 1) and groups == 1 and x.shape[-1] * kernel.shape[-1] >= TAPS_MIN_CHANNELS2:
+        return _taps_conv(x, kernel, dilation, padding)
     # Trim dead taps: the output size is kept, so the pads move with the first live tap.
     taps, pads, dil = [], [], []
     for axis in (0, 1):
@@ -187,9 +258,12 @@ def conv(x: Array, kernel: Array, stride=1, padding=0, dilation=1, groups: int =
         dil.append(d if k_live > 1 else 1)
     kernel = kernel[taps[0], taps[1]]
     dilation = tuple(dil)
-    if dilation == (1, 1) or plan["atrous"] == "trim":
-        x = _pad(x, pads)
-        return jax.lax.conv_general_dilated(x, kernel, stride, ((0, 0), (0, 0)), rhs_dilation=dilation,
+    if dilation == (1, 1) or plan["atrous"] != "dense":
+        # Negative pads crop the input; positive ones stay inside the conv (XLA:CPU's gradient of an
+        # explicitly padded input was 2x slower).
+        x = _pad(x, [(min(lo, 0), min(hi, 0)) for lo, hi in pads])
+        pads = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
+        return jax.lax.conv_general_dilated(x, kernel, stride, pads, rhs_dilation=dilation,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
     if stride == (1, 1):
         return _space_to_batch_conv(x, kernel, pads, dilation, groups)
@@ -276,6 +350,50 @@ def conv2d(features: int, kernel_size: int | Sequence[int] = 3, stride: int = 1,
                 name=name, **kw)
 
 
+def _normalize(xf: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float) -> Array:
+    mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var + epsilon)
+    return (xf - mean) * mul + bias.astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float):
+    """Train-mode BatchNorm over all but the channel axis: (y in float32, batch mean, biased batch var).
+
+    The custom VJP is the closed form PyTorch uses, dx = scale * rstd * (g - mean(g) - xhat *
+    mean(g * xhat)): two fused reductions and one elementwise pass, where autodiff of the
+    two-pass statistics left XLA several more passes over the activations. The statistics are
+    returned for the running averages.
+    """
+    return _batch_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_forward(x, scale, bias, epsilon):
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = xf.mean(axes)
+    var = jnp.square(xf - mean).mean(axes)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (xf - mean) * (scale.astype(jnp.float32) * rstd) + bias.astype(jnp.float32)
+    return (y, mean, var), (x, mean, rstd, scale)
+
+
+def _batch_norm_backward(epsilon, residuals, cotangents):
+    x, mean, rstd, scale = residuals
+    g, g_mean, g_var = (c.astype(jnp.float32) for c in cotangents)
+    axes = tuple(range(x.ndim - 1))
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dbias = g.sum(axes)
+    dscale = (g * xhat).sum(axes)
+    n = math.prod(x.shape[:-1])
+    dx = (scale.astype(jnp.float32) * rstd) * (g - (dbias + xhat * dscale) / n)
+    # Gradients through the returned statistics (zero when they only feed the running averages).
+    dx = dx + (g_mean + 2 * g_var * xhat / rstd) / n
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
+
+
 class BatchNorm(nn.Module):
     """BatchNorm with PyTorch's numerics (including the unbiased running variance).
 
@@ -297,25 +415,22 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-        xf = x.astype(jnp.float32)
         if train:
-            axes = tuple(range(x.ndim - 1))
             count = math.prod(x.shape[:-1])
-            mean = xf.mean(axes)
-            if self.axis_name is not None:
-                mean = jax.lax.pmean(mean, self.axis_name)
-            var = jnp.square(xf - mean).mean(axes)
-            if self.axis_name is not None:
-                var = jax.lax.pmean(var, self.axis_name)
+            if self.axis_name is None:
+                y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+            else:
+                xf, axes = x.astype(jnp.float32), tuple(range(x.ndim - 1))
+                mean = jax.lax.pmean(xf.mean(axes), self.axis_name)
+                var = jax.lax.pmean(jnp.square(xf - mean).mean(axes), self.axis_name)
                 count = count * jax.lax.psum(1, self.axis_name)
+                y = _normalize(xf, mean, var, scale, bias, self.epsilon)
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1 - m) * mean
                 ra_var.value = m * ra_var.value + (1 - m) * var * (count / max(count - 1, 1))
         else:
-            mean, var = ra_mean.value, ra_var.value
-        mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
-        y = (xf - mean) * mul + bias.astype(jnp.float32)
+            y = _normalize(x.astype(jnp.float32), ra_mean.value, ra_var.value, scale, bias, self.epsilon)
         return y.astype(self.dtype or x.dtype)
 
 

@@ -37,7 +37,17 @@ CASES = [(17, 23, 3, 2, 1, 1, 4), (16, 16, 3, 24, 1, 1, 4), (33, 21, 3, 36, 1, 1
          (15, 16, 3, 2, 2, 1, 4), (19, 17, 5, 1, 2, 8, 8), (12, 11, 3, 1, 1, 1, 4)]
 
 
-@pytest.mark.parametrize("method", ["dense", "auto"])
+@pytest.fixture(params=["dense", "auto", "taps"])
+def method(request, monkeypatch):
+    """"taps": auto on CPU with the per-tap matmuls forced on every width (normally wide convs only)."""
+    if request.param == "taps":
+        monkeypatch.setattr(snn, "TAPS_MIN_CHANNELS2", 0)
+        with snn.conv_lowering(backend="cpu"):
+            yield "auto"
+    else:
+        yield request.param
+
+
 @pytest.mark.parametrize("h,w,k,d,s,groups,c", CASES)
 def test_conv_equals_the_dilated_lax_conv(method, h, w, k, d, s, groups, c):
     rng = np.random.default_rng(h * w + d)
@@ -58,7 +68,6 @@ def test_conv_equals_the_dilated_lax_conv(method, h, w, k, d, s, groups, c):
         assert rel(g, e) <= 1e-6
 
 
-@pytest.mark.parametrize("method", ["dense", "auto"])
 def test_conv_in_bfloat16_is_within_its_rounding(method):
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 17, 19, 16)), jnp.bfloat16)
