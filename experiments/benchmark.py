@@ -18,9 +18,11 @@ torch.compile with `--torch-compile`; bf16 there is autocast + channels_last.
 
 Load: every result records the processor (model name, AVX-512 or not) and the load averages before
 and after the run. A run that starts while the machine is busy is refused: PyTorch's OpenMP threads
-slow 6-12x under load and XLA's far less, which fakes a JAX win. Busy means a 1-minute load average
-above `--max-load`: 0.5 on the CPU backend; on an accelerator, where the host only launches kernels,
-the host's core count (so the last model's compile workers in a suite do not count against the next).
+slow 6-12x under load and XLA's far less, which fakes a JAX win. Busy means, on the CPU backend, more
+than 15% of the cores busy in a 1-second sample taken before the run (the 1-minute load average lags:
+it stays ~1.5 for a minute after the previous benchmark ended), or a 1-minute load average above
+`--max-load` when that is given; on an accelerator, where the host only launches kernels, a load
+average above the host's core count (so one model's compile workers in a suite do not count against the next).
 `--allow-busy` runs anyway and flags the result and its table rows BUSY.
 
 `--conv native|dense|auto` sets SEGJAX_CONV (segjax's convolution lowering) before the models are
@@ -59,6 +61,7 @@ TORCHVISION_SEGMENTATION = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50
                             "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
 CONV_METHODS = ("native", "dense", "auto")  # SEGJAX_CONV values
 CPU_MAX_LOAD = 0.5
+CPU_MAX_BUSY = 0.15  # share of the cores other processes may use in the 1-second sample before a CPU run
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -353,8 +356,9 @@ def parse_args(argv):
                    help="segjax's convolution lowering, set as SEGJAX_CONV before the models are built: "
                         f"{'|'.join(CONV_METHODS)} (default: SEGJAX_CONV as set, else segjax's default, auto)")
     p.add_argument("--max-load", type=float, default=None, metavar="LOAD",
-                   help=f"refuse to run when the 1-minute load average is above LOAD (default: {CPU_MAX_LOAD} on "
-                        "the CPU backend, the host's core count on an accelerator)")
+                   help="refuse to run when the 1-minute load average is above LOAD (default on the CPU backend: "
+                        f"refuse when over {CPU_MAX_BUSY:.0%} of the cores are busy in a 1-second sample; on an "
+                        "accelerator: load above the host's core count)")
     p.add_argument("--allow-busy", action="store_true",
                    help="run even above --max-load; the result and its table rows are flagged BUSY")
     p.add_argument("--out", default=None, help="directory for the JSON and Markdown results")
@@ -428,20 +432,44 @@ def max_load(args, platform_name: str) -> float:
     return CPU_MAX_LOAD if platform_name == "cpu" else float(os.cpu_count() or 1)
 
 
+def cpu_busy(seconds: float = 1.0):
+    """Fraction of all cores busy over the last `seconds` (from /proc/stat; None where there is none).
+
+    The 1-minute load average lags by about a minute: after one benchmark ends it still reads ~1.5
+    on an idle machine. This sample says whether anything is running now.
+    """
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
 def busy_check(args, platform_name: str, load) -> dict:
-    """{"max_load", "busy"}; raises SystemExit(2) with a one-line message when busy and not --allow-busy."""
+    """{"max_load", "cpu_busy_before", "busy"}; raises SystemExit(2) with a one-line message when busy and
+    not --allow-busy. Busy: the 1-minute load average above --max-load when given, or, by default on the CPU
+    backend, more than CPU_MAX_BUSY of the cores busy in a 1-second sample (whatever the lagging average says)."""
     limit = max_load(args, platform_name)
-    busy = bool(load) and load[0] > limit
+    now = cpu_busy() if platform_name == "cpu" else None
+    if args.max_load is not None or now is None:
+        busy, why = bool(load) and load[0] > limit, f"the 1-minute load average is {load[0]:.2f}, above --max-load {limit:g}" if load else ""
+    else:
+        busy, why = now > CPU_MAX_BUSY, f"{now:.0%} of the cores were busy in the last second (limit {CPU_MAX_BUSY:.0%})"
     if busy and not args.allow_busy:
-        print(f"error: refusing to benchmark: the 1-minute load average is {load[0]:.2f}, above --max-load "
-              f"{limit:g} ({os.cpu_count()} cores); PyTorch's OpenMP threads slow 6-12x under load and XLA's far "
-              "less, which fakes a JAX win: wait for an idle machine, or pass --allow-busy (results flagged BUSY)",
-              file=sys.stderr)
+        print(f"error: refusing to benchmark: {why} ({os.cpu_count()} cores); PyTorch's OpenMP threads slow 6-12x "
+              "under load and XLA's far less, which fakes a JAX win: wait for an idle machine, or pass --allow-busy "
+              "(results flagged BUSY)", file=sys.stderr)
         raise SystemExit(2)
     if busy:
-        print(f"warning: BUSY: the 1-minute load average is {load[0]:.2f}, above --max-load {limit:g}; "
-              "this run's ratios to PyTorch are not trustworthy", file=sys.stderr)
-    return {"max_load": limit, "busy": busy}
+        print(f"warning: BUSY: {why}; this run's ratios to PyTorch are not trustworthy", file=sys.stderr)
+    return {"max_load": limit, "cpu_busy_before": now, "busy": busy}
 
 
 def default_peak(device_kind: str, dtype: str):

@@ -81,21 +81,24 @@ def conv_plan(method: str | None = None, backend: str | None = None) -> dict:
     atrous: "native" (rhs_dilation), "taps" (a matmul per tap over its valid outputs, for convs of
     at least TAPS_MIN_CHANNELS2 in x out channels; narrower ones trimmed, then native) or "dense"
     (dead taps trimmed, then space-to-batch); transposed: "native" (lhs_dilation) or "subpixel";
-    depthwise: "native" (grouped conv) or "shifted" (multiply-adds).
+    depthwise: "native" (grouped conv) or "shifted" (multiply-adds); pointwise (1x1, stride 1,
+    unpadded, ungrouped): "native" or "dot" (a matmul over the channels).
     """
     method = method or conv_method()
     if method not in CONV_METHODS:
         raise ValueError(f"conv method {method!r}: use one of {', '.join(CONV_METHODS)}")
     backend = backend or _LOWERING.get("backend") or jax.default_backend()
     if method == "native":
-        return {"atrous": "native", "transposed": "native", "depthwise": "native"}
+        return {"atrous": "native", "transposed": "native", "depthwise": "native", "pointwise": "native"}
     if method == "dense" or backend != "cpu":
         # GPU/TPU: XLA's dilated convolutions are its slow path; cuDNN has fast depthwise kernels.
-        return {"atrous": "dense", "transposed": "subpixel", "depthwise": "native" if method == "auto" else "shifted"}
+        return {"atrous": "dense", "transposed": "subpixel", "depthwise": "native" if method == "auto" else "shifted",
+                "pointwise": "native"}
     # CPU, measured (docs/benchmarks.md): space-to-batch is slower than XLA:CPU's dilated conv;
     # matmuls over each tap's valid outputs beat it on wide convs, trimming plus the native conv
     # on narrow ones; sub-pixel and shifted multiply-adds beat XLA:CPU's own lowering by 2-40x.
-    return {"atrous": "taps", "transposed": "subpixel", "depthwise": "shifted"}
+    # A 1x1 stride-1 conv as a matmul: its backward ran 1.3-2x faster than XLA:CPU's conv backward.
+    return {"atrous": "taps", "transposed": "subpixel", "depthwise": "shifted", "pointwise": "dot"}
 
 
 def _live_taps(size: int, k: int, stride: int, dilation: int, lo: int, hi: int) -> tuple[int, int]:
@@ -238,6 +241,9 @@ def conv(x: Array, kernel: Array, stride=1, padding=0, dilation=1, groups: int =
     depthwise = groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and kernel.shape[2] == 1
     if depthwise and plan["depthwise"] == "shifted":
         return _shifted_depthwise(x, kernel, stride, padding, dilation)
+    pointwise = kernel.shape[:2] == (1, 1) and stride == (1, 1) and groups == 1 and padding == ((0, 0), (0, 0))
+    if pointwise and plan["pointwise"] == "dot":
+        return x @ kernel[0, 0]
     if dilation == (1, 1) or plan["atrous"] == "native":
         return jax.lax.conv_general_dilated(x, kernel, stride, padding, rhs_dilation=dilation,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
@@ -304,7 +310,7 @@ def conv_transpose(x: Array, kernel: Array, stride: int, padding: int = 0, outpu
     q_lo = padding // s
     q_hi_h, q_hi_w = (padding + out_h - 1) // s, (padding + out_w - 1) // s
     x = _pad(x, [(m - 1 - q_lo, q_hi_h - (h - 1)), (m - 1 - q_lo, q_hi_w - (wd - 1))])
-    y = _dense_conv(x, w, (1, 1), ((0, 0), (0, 0)), 1)
+    y = conv(x, w, method=method)  # UNet's 2x2/2 is 1x1 here: a matmul on CPU
     qh, qw = y.shape[1], y.shape[2]
     y = y.reshape(n, qh, qw, s, s, cout).transpose(0, 1, 3, 2, 4, 5).reshape(n, qh * s, qw * s, cout)
     start = padding - q_lo * s

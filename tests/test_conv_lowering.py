@@ -34,7 +34,7 @@ def rel(a, b):
 # rates beyond the map (ASPP 24/36 on 16-33 px), depthwise dilated (MobileNetV3's last stage).
 CASES = [(17, 23, 3, 2, 1, 1, 4), (16, 16, 3, 24, 1, 1, 4), (33, 21, 3, 36, 1, 1, 4), (9, 13, 3, 4, 1, 1, 4),
          (16, 16, 3, 12, 1, 1, 4), (7, 40, 3, 6, 1, 1, 4), (19, 17, 5, 2, 1, 8, 8), (19, 17, 3, 2, 1, 8, 8),
-         (15, 16, 3, 2, 2, 1, 4), (19, 17, 5, 1, 2, 8, 8), (12, 11, 3, 1, 1, 1, 4)]
+         (15, 16, 3, 2, 2, 1, 4), (19, 17, 5, 1, 2, 8, 8), (12, 11, 3, 1, 1, 1, 4), (12, 11, 1, 1, 1, 1, 4)]
 
 
 @pytest.fixture(params=["dense", "auto", "taps"])
@@ -110,7 +110,7 @@ def test_the_method_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("SEGJAX_CONV", "native")
     assert snn.conv_plan()["atrous"] == "native"
     monkeypatch.setenv("SEGJAX_CONV", "dense")
-    assert snn.conv_plan() == {"atrous": "dense", "transposed": "subpixel", "depthwise": "shifted"}
+    assert snn.conv_plan() == {"atrous": "dense", "transposed": "subpixel", "depthwise": "shifted", "pointwise": "native"}
     monkeypatch.setenv("SEGJAX_CONV", "auto")
     assert snn.conv_plan(backend="gpu")["atrous"] == "dense"
     with snn.conv_lowering("native"):
