@@ -81,8 +81,8 @@ def conv_plan(method: str | None = None, backend: str | None = None) -> dict:
     atrous: "native" (rhs_dilation), "taps" (a matmul per tap over its valid outputs, for convs of
     at least TAPS_MIN_CHANNELS2 in x out channels; narrower ones trimmed, then native) or "dense"
     (dead taps trimmed, then space-to-batch); transposed: "native" (lhs_dilation) or "subpixel";
-    depthwise: "native" (grouped conv) or "shifted" (multiply-adds); pointwise (1x1, stride 1,
-    unpadded, ungrouped): "native" or "dot" (a matmul over the channels).
+    depthwise: "native" (grouped conv) or "shifted" (multiply-adds); pointwise (ungrouped stride-1
+    1x1 convs, and kernels of 5x5 or more): "native" or "dot" (matmuls over the channels).
     """
     method = method or conv_method()
     if method not in CONV_METHODS:
@@ -97,7 +97,8 @@ def conv_plan(method: str | None = None, backend: str | None = None) -> dict:
     # CPU, measured (docs/benchmarks.md): space-to-batch is slower than XLA:CPU's dilated conv;
     # matmuls over each tap's valid outputs beat it on wide convs, trimming plus the native conv
     # on narrow ones; sub-pixel and shifted multiply-adds beat XLA:CPU's own lowering by 2-40x.
-    # A 1x1 stride-1 conv as a matmul: its backward ran 1.3-2x faster than XLA:CPU's conv backward.
+    # A 1x1 stride-1 conv as a matmul: its backward ran 1.3-2x faster than XLA:CPU's conv backward;
+    # kernels of 5x5 and more (FCN's fc6) as one matmul over shifted copies (`_im2col_conv`).
     return {"atrous": "taps", "transposed": "subpixel", "depthwise": "shifted", "pointwise": "dot"}
 
 
@@ -226,6 +227,19 @@ def _taps_backward(dilation, padding, residuals, g):
 _taps_conv.defvjp(_taps_forward, _taps_backward)
 
 
+def _im2col_conv(x: Array, kernel: Array, padding) -> Array:
+    """Stride-1 conv as one matmul over the kh*kw shifted copies of the input (FCN's 7x7 fc6).
+
+    XLA:CPU's own conv took 1.8 s forward and 50 s forward + backward for fc6 (7x7 512->4096 on
+    2x11x11, one thread); as a matmul its gradient is two matmuls as well.
+    """
+    x = _pad(x, padding)
+    kh, kw, cin, cout = kernel.shape
+    oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    cols = jnp.concatenate([x[:, i:i + oh, j:j + ow] for i in range(kh) for j in range(kw)], axis=-1)
+    return cols @ kernel.reshape(kh * kw * cin, cout)
+
+
 def conv(x: Array, kernel: Array, stride=1, padding=0, dilation=1, groups: int = 1,
          method: str | None = None) -> Array:
     """`F.conv2d` for NHWC `x` and HWIO `kernel` (kh, kw, in/groups, out), lowered per `conv_plan`.
@@ -241,9 +255,11 @@ def conv(x: Array, kernel: Array, stride=1, padding=0, dilation=1, groups: int =
     depthwise = groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and kernel.shape[2] == 1
     if depthwise and plan["depthwise"] == "shifted":
         return _shifted_depthwise(x, kernel, stride, padding, dilation)
-    pointwise = kernel.shape[:2] == (1, 1) and stride == (1, 1) and groups == 1 and padding == ((0, 0), (0, 0))
-    if pointwise and plan["pointwise"] == "dot":
+    dense = stride == (1, 1) and groups == 1 and dilation == (1, 1)
+    if dense and kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)) and plan["pointwise"] == "dot":
         return x @ kernel[0, 0]
+    if dense and kernel.shape[0] * kernel.shape[1] >= 25 and plan["pointwise"] == "dot":
+        return _im2col_conv(x, kernel, padding)
     if dilation == (1, 1) or plan["atrous"] == "native":
         return jax.lax.conv_general_dilated(x, kernel, stride, padding, rhs_dilation=dilation,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
@@ -482,11 +498,42 @@ def _lerp_axis(x: Array, axis: int, out_size: int, align_corners: bool) -> Array
     in_size = x.shape[axis]
     if in_size == out_size and not align_corners:
         return x
-    lo, hi, w = _source_index(out_size, in_size, align_corners)
+    return _lerp(x, axis, out_size, align_corners)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _lerp(x: Array, axis: int, out_size: int, align_corners: bool) -> Array:
+    """Linear interpolation along one axis as two gathers (2 multiply-adds per output).
+
+    Its gradient is a matmul with the (out, in) interpolation matrix: autodiff of the gathers is
+    a scatter-add, which XLA:CPU runs as a serial loop.
+    """
+    lo, hi, w = _source_index(out_size, x.shape[axis], align_corners)
     shape = [1] * x.ndim
     shape[axis] = out_size
     w = jnp.asarray(w).reshape(shape).astype(x.dtype)
     return jnp.take(x, lo, axis=axis) * (1 - w) + jnp.take(x, hi, axis=axis) * w
+
+
+def _interpolation_matrix(out_size: int, in_size: int, align_corners: bool) -> np.ndarray:
+    lo, hi, w = _source_index(out_size, in_size, align_corners)
+    matrix = np.zeros((out_size, in_size), np.float32)
+    np.add.at(matrix, (np.arange(out_size), lo), 1 - w)
+    np.add.at(matrix, (np.arange(out_size), hi), w)
+    return matrix
+
+
+def _lerp_forward(x, axis, out_size, align_corners):
+    return _lerp(x, axis, out_size, align_corners), x.shape[axis]
+
+
+def _lerp_backward(axis, out_size, align_corners, in_size, g):
+    matrix = jnp.asarray(_interpolation_matrix(out_size, in_size, align_corners), g.dtype)
+    dx = jax.lax.dot_general(g, matrix, (((axis,), (0,)), ((), ())))  # the input axis comes last
+    return (jnp.moveaxis(dx, -1, axis),)
+
+
+_lerp.defvjp(_lerp_forward, _lerp_backward)
 
 
 def resize(x: Array, size: Sequence[int], method: str = "bilinear", align_corners: bool = False) -> Array:

@@ -51,6 +51,32 @@ def test_max_pool_matches_torch(x, kernel, stride, padding, ceil_mode):
     np.testing.assert_array_equal(np.asarray(ours), ref)
 
 
+def _torch_input_grad(fn, x, cotangent):
+    t = to_nchw(x).clone().requires_grad_(True)
+    (fn(t) * to_nchw(cotangent)).sum().backward()
+    return to_nhwc(t.grad)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("size", [(13, 4), (29, 31), (3, 20)])
+def test_bilinear_resize_gradient_matches_torch(x, size, align_corners):
+    """The backward is a matmul with the interpolation matrix (not autodiff's scatter-add)."""
+    g = np.random.default_rng(1).standard_normal((2, *size, 3)).astype(np.float32)
+    ours = jax.grad(lambda v: jnp.sum(snn.resize(v, size, align_corners=align_corners) * g))(jnp.asarray(x))
+    ref = _torch_input_grad(lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=align_corners), x, g)
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool_gradient_matches_torch(x, ceil_mode):
+    """UNet's and U2-Net's 2x2/2 pools: the gradient goes to each window's maximum, as in torch."""
+    out_h, out_w = (4, 5) if ceil_mode else (3, 4)
+    g = np.random.default_rng(2).standard_normal((2, out_h, out_w, 3)).astype(np.float32)
+    ours = jax.grad(lambda v: jnp.sum(snn.max_pool2d(v, 2, 2, ceil_mode=ceil_mode) * g))(jnp.asarray(x))
+    ref = _torch_input_grad(lambda t: F.max_pool2d(t, 2, 2, ceil_mode=ceil_mode), x, g)
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-6)
+
+
 @pytest.mark.parametrize("size", [(1, 1), (3, 4), (7, 9), (2, 5)])
 def test_adaptive_avg_pool_matches_torch(x, size):
     ours = snn.adaptive_avg_pool2d(jnp.asarray(x), size)
