@@ -26,16 +26,17 @@ def conditions(result: dict) -> str:
     if "processor" not in result and "load_average_before" not in result:
         return "run conditions (processor, load before the run) not recorded: an older result"
     cpu = result.get("processor") or {}
+    now = result.get("cpu_busy_before")
     line = (f"host {cpu.get('model', 'unknown')} ({_avx(cpu.get('avx512'))}, {cpu.get('cores', '?')} cores); "
-            f"1-min load {_load(result.get('load_average_before'))} before, "
+            + (f"{now:.0%} of the cores busy just before the run; " if now is not None else "")
+            + f"1-min load {_load(result.get('load_average_before'))} before, "
             f"{_load(result.get('load_average_after'))} after; "
             f"SEGJAX_CONV={result.get('conv_method', 'auto')}")
     if result.get("conv_plan"):
         line += " (" + ", ".join(f"{kind} {how}" for kind, how in result["conv_plan"].items()) + ")"
     if result.get("busy"):
-        line = (f"{BUSY}: started at 1-min load {_load(result.get('load_average_before'))} > "
-                f"{result.get('max_load')}; PyTorch's OpenMP threads slow 6-12x under load, so these ratios "
-                f"are not trustworthy. {line}")
+        line = (f"{BUSY}: started on a busy machine; PyTorch's OpenMP threads slow 6-12x under load, so these "
+                f"ratios are not trustworthy. {line}")
     if result.get("partial"):
         line += " (partial: the run stopped before it finished)"
     return line
@@ -110,6 +111,10 @@ def readme_table(results: list[dict], source: str = "docs/bench_results") -> str
         loads = [r[key][0] for r in results if r.get(key)]
         if loads:
             notes.append(f"1-minute load average {when}: {min(loads):.1f} to {max(loads):.1f}.")
+    busy_now = [r["cpu_busy_before"] for r in results if r.get("cpu_busy_before") is not None]
+    if busy_now:
+        notes.append(f"Cores busy in the 1-second sample just before each run: {min(busy_now):.0%} to {max(busy_now):.0%} "
+                     "(the load average lags: it still counts the previous run).")
     cpus = sorted({(r["processor"]["model"], r["processor"].get("avx512")) for r in results if r.get("processor")},
                   key=str)
     if cpus:

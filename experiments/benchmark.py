@@ -514,7 +514,9 @@ def run(args, device, load_before, busy: dict) -> dict:
               "card": args.card or default_card(device), "processor": processor(),
               **conv_lowering(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "load_average_before": load_before, **busy}
-    stem = f"{args.model}_{args.size[0]}x{args.size[1]}_b{args.batch}_{args.dtype}_{device.platform}"
+    # Builder options name the file too: unet and unet bilinear=True must not overwrite each other.
+    options = "".join(f"-{k}={v}" for k, v in sorted(args.model_kw.items()))
+    stem = f"{args.model}{options}_{args.size[0]}x{args.size[1]}_b{args.batch}_{args.dtype}_{device.platform}"
     out = Path(args.out) if args.out else None
 
     def save(partial: bool = True):
