@@ -34,6 +34,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from segjax import models
+from segjax import nn as snn
 
 STRIDE_PROBE = 64  # extra pixels for the differential stride probe; exact for strides dividing 64
 
@@ -103,8 +104,13 @@ def _count_macs(jaxpr) -> float:
 
 
 def analytic_flops(fn: Callable, *args) -> float:
-    """2 x multiply-adds of every convolution and matmul in `fn`'s jaxpr (padding taps included)."""
-    return 2.0 * _count_macs(jax.make_jaxpr(fn)(*args).jaxpr)
+    """2 x multiply-adds of every convolution and matmul in `fn`'s jaxpr (padding taps included).
+
+    Traced with the plain `lax` convolutions (SEGJAX_CONV=native): the rewrites of `auto`/`dense`
+    (shifted multiply-adds, trimmed taps) would hide or drop convolutions from the count.
+    """
+    with snn.conv_lowering("native"):
+        return 2.0 * _count_macs(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def flops(model, size: Sequence[int], variables=None, batch: int = 1, channels: int = 3) -> dict:

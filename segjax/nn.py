@@ -116,9 +116,11 @@ def _pad(x: Array, pads: Sequence[tuple[int, int]]) -> Array:
     return jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
 
 
-def _dense_conv(x: Array, kernel: Array, stride, padding, groups: int) -> Array:
+def _lax_conv(x: Array, kernel: Array, stride=(1, 1), padding=((0, 0), (0, 0)), groups: int = 1,
+              dilation=(1, 1)) -> Array:
     return jax.lax.conv_general_dilated(x, kernel, tuple(stride), [tuple(p) for p in padding],
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+                                        rhs_dilation=tuple(dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=groups)
 
 
 def _shifted_depthwise(x: Array, kernel: Array, stride, padding, dilation) -> Array:
@@ -147,7 +149,7 @@ def _space_to_batch_conv(x: Array, kernel: Array, padding, dilation, groups: int
     qh, qw = -(-x.shape[1] // dh), -(-x.shape[2] // dw)
     x = _pad(x, [(0, qh * dh - x.shape[1]), (0, qw * dw - x.shape[2])])
     x = x.reshape(n, qh, dh, qw, dw, c).transpose(2, 4, 0, 1, 3, 5).reshape(dh * dw * n, qh, qw, c)
-    y = _dense_conv(x, kernel, (1, 1), ((0, 0), (0, 0)), groups)
+    y = _lax_conv(x, kernel, groups=groups)
     ph, pw, f = y.shape[1], y.shape[2], y.shape[3]
     y = y.reshape(dh, dw, n, ph, pw, f).transpose(2, 3, 0, 4, 1, 5).reshape(n, ph * dh, pw * dw, f)
     return y[:, :oh, :ow]
@@ -261,8 +263,7 @@ def conv(x: Array, kernel: Array, stride=1, padding=0, dilation=1, groups: int =
     if dense and kernel.shape[0] * kernel.shape[1] >= 25 and plan["pointwise"] == "dot":
         return _im2col_conv(x, kernel, padding)
     if dilation == (1, 1) or plan["atrous"] == "native":
-        return jax.lax.conv_general_dilated(x, kernel, stride, padding, rhs_dilation=dilation,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        return _lax_conv(x, kernel, stride, padding, groups, dilation)
     if plan["atrous"] == "taps" and stride == (1, 1) and groups == 1 and x.shape[-1] * kernel.shape[-1] >= TAPS_MIN_CHANNELS2:
         return _taps_conv(x, kernel, dilation, padding)
     # Trim dead taps: the output size is kept, so the pads move with the first live tap.
@@ -285,12 +286,11 @@ def conv(x: Array, kernel: Array, stride=1, padding=0, dilation=1, groups: int =
         # explicitly padded input was 2x slower).
         x = _pad(x, [(min(lo, 0), min(hi, 0)) for lo, hi in pads])
         pads = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
-        return jax.lax.conv_general_dilated(x, kernel, stride, pads, rhs_dilation=dilation,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        return _lax_conv(x, kernel, stride, pads, groups, dilation)
     if stride == (1, 1):
         return _space_to_batch_conv(x, kernel, pads, dilation, groups)
     # Strided and dilated (no model uses it): an undilated kernel with zeros between the taps.
-    return _dense_conv(_pad(x, pads), _dilate_kernel(kernel, dilation), stride, ((0, 0), (0, 0)), groups)
+    return _lax_conv(_pad(x, pads), _dilate_kernel(kernel, dilation), stride, groups=groups)
 
 
 def conv_transpose(x: Array, kernel: Array, stride: int, padding: int = 0, output_padding: int = 0,

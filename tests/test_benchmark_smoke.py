@@ -38,7 +38,8 @@ def test_benchmark_smoke(tmp_path, capsys, monkeypatch):
     name = registered("unet")
     model_kw = ["--model-kw", "base_channels=4"] if name == "unet" else []
     monkeypatch.setenv("SEGJAX_CONV", "auto")
-    stem = f"{name}_32x48_b2_float32_cpu"
+    # builder options are part of the file name (unet and unet bilinear=True must not overwrite each other)
+    stem = f"{name}{'-base_channels=4' if model_kw else ''}_32x48_b2_float32_cpu"
     on_disk = []  # the JSON as bench_torch starts and after each variant's mode: saved as it goes, "partial"
     real_bench_torch = bench.bench_torch
 
@@ -155,14 +156,24 @@ def test_busy_threshold_and_conv_method(monkeypatch):
     bench = load_benchmark()
     args = bench.parse_args([])
     assert args.max_load is None and not args.allow_busy and args.conv is None
-    assert bench.busy_check(args, "cpu", [0.4, 3.0, 3.0]) == {"max_load": 0.5, "busy": False}
+    # CPU, by default: cores busy now (a 1-second sample), not the lagging 1-minute average
+    monkeypatch.setattr(bench, "cpu_busy", lambda seconds=1.0: 0.05)
+    assert bench.busy_check(args, "cpu", [1.9, 3.0, 3.0]) == {"max_load": 0.5, "cpu_busy_before": 0.05, "busy": False}
+    monkeypatch.setattr(bench, "cpu_busy", lambda seconds=1.0: 0.6)
     with pytest.raises(SystemExit):
-        bench.busy_check(args, "cpu", [0.6, 0.0, 0.0])
+        bench.busy_check(args, "cpu", [0.0, 0.0, 0.0])
+    # --max-load: the load-average rule, whatever the sample says
+    monkeypatch.setattr(bench, "cpu_busy", lambda seconds=1.0: 0.0)
+    with pytest.raises(SystemExit):
+        bench.busy_check(bench.parse_args(["--max-load", "0.5"]), "cpu", [0.6, 0.0, 0.0])
+    assert bench.busy_check(bench.parse_args(["--max-load", "0.5"]), "cpu", [0.4, 0.0, 0.0])["busy"] is False
     # on an accelerator the host only launches kernels: the default allows a load up to its core count
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert bench.busy_check(args, "gpu", [15.9, 0, 0]) == {"max_load": 16.0, "busy": False}
-    assert bench.busy_check(bench.parse_args(["--allow-busy"]), "gpu", [16.1, 0, 0]) == {"max_load": 16.0, "busy": True}
-    assert bench.busy_check(args, "cpu", None)["busy"] is False  # no load average on this OS: nothing to refuse
+    assert bench.busy_check(args, "gpu", [15.9, 0, 0]) == {"max_load": 16.0, "cpu_busy_before": None, "busy": False}
+    assert bench.busy_check(bench.parse_args(["--allow-busy"]), "gpu", [16.1, 0, 0]) == {
+        "max_load": 16.0, "cpu_busy_before": None, "busy": True}
+    monkeypatch.setattr(bench, "cpu_busy", lambda seconds=1.0: None)
+    assert bench.busy_check(args, "cpu", None)["busy"] is False  # neither /proc/stat nor a load average: nothing to refuse
     with pytest.raises(SystemExit):
         bench.parse_args(["--conv", "fast"])
 
