@@ -5,7 +5,7 @@ converted PyTorch checkpoint (which knows no data set) needs `dataset=`.
 """
 from __future__ import annotations
 
-from segjax import checkpoint
+from segjax import checkpoint, inference
 from segjax.errors import SegjaxError
 
 DEEPLAB_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -59,6 +59,9 @@ def evaluate(path: str, *, dataset: str | None = None, split: str | None = None,
                           f"{len(names)}; evaluate it on the data set it was trained on (--dataset)")
     if ms_rule not in MS_SCALES:
         raise SegjaxError(f"--ms-rule {ms_rule}: choose one of {', '.join(MS_SCALES)}")
+    if multi_scale and ms_rule == "max-logits" and not inference.supports_max_logits(state.apply_fn.__self__):
+        raise SegjaxError(f"--ms-rule max-logits: model {meta['model']} has no logits at its own output stride; "
+                          "use --ms-rule mean-probs")
     scales = MS_SCALES[ms_rule] if multi_scale else tuple(config.get("eval_scales", (1.0,)))
     import jax
     parallel = T.DataParallel(T.make_mesh(), scales, flip or bool(config.get("eval_flip", False)), ms_rule)

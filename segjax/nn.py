@@ -482,53 +482,58 @@ class ConvBN(nn.Module):
 
 # ----------------------------------------------------------------------------------------- resize
 
-def _source_index(out_size: int, in_size: int, align_corners: bool):
-    """Lower index, upper index and weight of the upper one, as torch's linear interpolation computes them."""
+def _source_index(out_size: int, in_size: int, align_corners: bool, scale_factor: float | None = None):
+    """Lower index, upper index and weight of the upper one, as torch's linear interpolation computes them.
+
+    A `scale_factor` (torch's `F.interpolate(scale_factor=...)`) samples at 1/scale_factor rather
+    than at in/out, which differs when in * scale_factor is not a whole number.
+    """
     dst = np.arange(out_size, dtype=np.float64)
     if align_corners:
         src = dst * ((in_size - 1) / (out_size - 1)) if out_size > 1 else np.zeros_like(dst)
     else:
-        src = np.maximum((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)
+        step = 1.0 / scale_factor if scale_factor else in_size / out_size
+        src = np.maximum((dst + 0.5) * step - 0.5, 0.0)
     lo = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
     return lo, hi, (src - lo).astype(np.float32)
 
 
-def _lerp_axis(x: Array, axis: int, out_size: int, align_corners: bool) -> Array:
+def _lerp_axis(x: Array, axis: int, out_size: int, align_corners: bool, scale_factor: float | None = None) -> Array:
     in_size = x.shape[axis]
-    if in_size == out_size and not align_corners:
+    if in_size == out_size and not align_corners and (not scale_factor or scale_factor == 1):
         return x
-    return _lerp(x, axis, out_size, align_corners)
+    return _lerp(x, axis, out_size, align_corners, scale_factor)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _lerp(x: Array, axis: int, out_size: int, align_corners: bool) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _lerp(x: Array, axis: int, out_size: int, align_corners: bool, scale_factor: float | None) -> Array:
     """Linear interpolation along one axis as two gathers (2 multiply-adds per output).
 
     Its gradient is a matmul with the (out, in) interpolation matrix: autodiff of the gathers is
     a scatter-add, which XLA:CPU runs as a serial loop.
     """
-    lo, hi, w = _source_index(out_size, x.shape[axis], align_corners)
+    lo, hi, w = _source_index(out_size, x.shape[axis], align_corners, scale_factor)
     shape = [1] * x.ndim
     shape[axis] = out_size
     w = jnp.asarray(w).reshape(shape).astype(x.dtype)
     return jnp.take(x, lo, axis=axis) * (1 - w) + jnp.take(x, hi, axis=axis) * w
 
 
-def _interpolation_matrix(out_size: int, in_size: int, align_corners: bool) -> np.ndarray:
-    lo, hi, w = _source_index(out_size, in_size, align_corners)
+def _interpolation_matrix(out_size: int, in_size: int, align_corners: bool, scale_factor=None) -> np.ndarray:
+    lo, hi, w = _source_index(out_size, in_size, align_corners, scale_factor)
     matrix = np.zeros((out_size, in_size), np.float32)
     np.add.at(matrix, (np.arange(out_size), lo), 1 - w)
     np.add.at(matrix, (np.arange(out_size), hi), w)
     return matrix
 
 
-def _lerp_forward(x, axis, out_size, align_corners):
-    return _lerp(x, axis, out_size, align_corners), x.shape[axis]
+def _lerp_forward(x, axis, out_size, align_corners, scale_factor):
+    return _lerp(x, axis, out_size, align_corners, scale_factor), x.shape[axis]
 
 
-def _lerp_backward(axis, out_size, align_corners, in_size, g):
-    matrix = jnp.asarray(_interpolation_matrix(out_size, in_size, align_corners), g.dtype)
+def _lerp_backward(axis, out_size, align_corners, scale_factor, in_size, g):
+    matrix = jnp.asarray(_interpolation_matrix(out_size, in_size, align_corners, scale_factor), g.dtype)
     dx = jax.lax.dot_general(g, matrix, (((axis,), (0,)), ((), ())))  # the input axis comes last
     return (jnp.moveaxis(dx, -1, axis),)
 
@@ -536,12 +541,22 @@ def _lerp_backward(axis, out_size, align_corners, in_size, g):
 _lerp.defvjp(_lerp_forward, _lerp_backward)
 
 
-def resize(x: Array, size: Sequence[int], method: str = "bilinear", align_corners: bool = False) -> Array:
+def resize(x: Array, size: Sequence[int] | None, method: str = "bilinear", align_corners: bool = False,
+           scale_factor: float | None = None) -> Array:
     """`F.interpolate(x, size=size, mode=method, align_corners=...)` for NHWC `x`, exactly.
 
+    With `size=None` and a `scale_factor` it is `F.interpolate(x, scale_factor=...)`: the size is
+    floor(in * scale_factor) and the bilinear samples sit at 1/scale_factor apart.
     Unlike `jax.image.resize` it never antialiases and it supports align_corners=True
     (milesial's UNet). Index tables are static numpy, so this costs two gathers per axis.
     """
+    if size is None:
+        if not scale_factor:
+            raise ValueError("resize: give a size or a scale_factor")
+        if method != "bilinear" or align_corners:
+            raise ValueError("resize: scale_factor is supported for bilinear with align_corners=False")
+        h, w = (int(np.floor(n * scale_factor)) for n in x.shape[1:3])
+        return _lerp_axis(_lerp_axis(x, 1, h, False, scale_factor), 2, w, False, scale_factor)
     h, w = int(size[0]), int(size[1])
     if method == "nearest":
         ih, iw = x.shape[1], x.shape[2]

@@ -49,7 +49,8 @@ class DeepLabLargeFOV(nn.Module):
     ceil_mode: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def __call__(self, x: jax.Array, train: bool = False, upsample: bool = True) -> dict[str, jax.Array]:
+        """upsample=False returns the stride-8 logits (the multi-scale max-logits rule)."""
         size = x.shape[1:3]
         feats = VGGFeatures(STAGES["vgg16"], caffe_names=True, pools=largefov_pools(self.ceil_mode),
                             dilations=LARGEFOV_DILATIONS, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -62,7 +63,7 @@ class DeepLabLargeFOV(nn.Module):
         y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
         # The caffe net initialises the classifier with N(0, 0.01).
         y = conv(self.num_classes, 1, kernel_init=nn.initializers.normal(0.01), name="fc8")(y)
-        return {"out": resize(y, size, "bilinear", align_corners=self.align_corners)}
+        return {"out": resize(y, size, "bilinear", align_corners=self.align_corners) if upsample else y}
 
 
 @register("deeplabv1_largefov_vgg16")

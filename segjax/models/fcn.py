@@ -50,10 +50,11 @@ class SegmentationModel(nn.Module):
     align_corners: bool = False  # of the final resize (torchvision: False)
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, upsample: bool = True):
+        """upsample=False returns the logits at the head's output stride (DeepLab v2's multi-scale rule)."""
         size = x.shape[1:3]
         features = self.backbone(x, train)
-        up = lambda y: resize(y, size, "bilinear", align_corners=self.align_corners)  # noqa: E731
+        up = lambda y: resize(y, size, "bilinear", align_corners=self.align_corners) if upsample else y  # noqa: E731
         outputs = {"out": up(self.classifier(*(features[k] for k in self.in_keys), train=train))}
         if self.aux_classifier is not None:
             outputs["aux"] = up(self.aux_classifier(features[self.aux_key], train=train))
