@@ -30,7 +30,7 @@ from segjax.errors import SegjaxError
 Rename = Callable[[str], "str | None"]
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 def caffe_normalisation(mean_bgr: tuple[float, float, float]) -> dict:

@@ -8,7 +8,17 @@
                           "masks":  "training/1st_manual/{id}_manual1.gif",
                           "roi":    "training/mask/{id}_training_mask.gif"}}}  # optional; outside -> 255
 
-Paths are relative to the manual dir. Presets: DRIVE (retinal vessels) and DUTS (saliency).
+Paths are relative to the manual dir; `masks` and `roi` may use `{stem}` (the id without its file
+extension) instead of `{id}`. Presets: DRIVE (retinal vessels) and DUTS (saliency).
+
+Without a manifest, a manual dir in the common layout needs none (`resolve_manifest`):
+
+    DIR/{train,val,test}/images/<stem>.<any image extension>
+    DIR/{train,val,test}/masks/<stem>.png           class indices, 255 = void
+    DIR/classes.txt                                 optional: one class name per line
+
+Its name is the folder's name and, without classes.txt, its classes are 0..the largest label found.
+A `DIR/manifest.json` takes precedence over the layout, and a manifest passed in over both.
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ import json
 import os
 import re
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from segjax.data import validate
@@ -41,6 +52,9 @@ DUTS = {
     },
 }
 PRESETS = {"drive": DRIVE, "duts": DUTS}
+MANIFEST_FILE = "manifest.json"        # a manifest inside the manual dir
+LAYOUT_SPLITS = ("train", "val", "test")
+CLASSES_FILE = "classes.txt"
 
 
 def load_manifest(manifest) -> dict:
@@ -57,13 +71,79 @@ def load_manifest(manifest) -> dict:
         if key not in manifest:
             raise SegjaxError(f"{where}: manifest lacks '{key}'; see the example in segjax/data/folder.py")
     for split, spec in manifest["splits"].items():
-        if spec.get("images", "").count("*") != 1 or "{id}" not in spec.get("masks", ""):
+        masks = spec.get("masks", "")
+        if spec.get("images", "").count("*") != 1 or ("{id}" not in masks and "{stem}" not in masks):
             raise SegjaxError(f"{where}: split '{split}' needs 'images' with exactly one '*' and 'masks' with '{{id}}'")
     return manifest
 
 
-def match_pairs(root: str, spec: dict, split: str) -> list[tuple[str, str, str, str | None]]:
-    """[(id, image path, mask path, roi path or None)] for one split, sorted by id."""
+def layout_splits(root: str) -> dict | None:
+    """The manifest `splits` of a manual dir in the common layout (see the module docstring), or None."""
+    splits = {split: {"images": f"{split}/images/*", "masks": f"{split}/masks/{{stem}}.png"}
+              for split in LAYOUT_SPLITS if os.path.isdir(os.path.join(root, split, "images"))}
+    return splits or None
+
+
+def config_name(text: str) -> str:
+    """A tfds config name made of `text` (a folder's name): lowercase letters, digits and '_'."""
+    name = re.sub(r"[^a-z0-9_]+", "_", text.lower()).strip("_")
+    return name or "folder"
+
+
+def _layout_class_names(root: str, splits: dict, infer: bool = True) -> list[str] | None:
+    path = os.path.join(root, CLASSES_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            names = [line.strip() for line in f if line.strip()]
+        if len(names) < 2:
+            raise SegjaxError(f"{path}: lists {len(names)} class(es); list one class name per line, at least two")
+        return names
+    if not infer:
+        return None
+    largest = 1  # at least two classes: background and one more
+    for split, spec in splits.items():
+        for _, _, mask_path, _ in match_pairs(root, spec, split):
+            values = np.unique(validate.decode_mask(read(mask_path), mask_path))
+            values = values[values != validate.VOID]
+            largest = max(largest, int(values.max()) if len(values) else 0)
+    return layout_class_names(largest + 1)
+
+
+def layout_class_names(num_classes: int) -> list[str]:
+    """The class names of a layout without classes.txt."""
+    return [f"class_{k}" for k in range(num_classes)]
+
+
+def resolve_manifest(manual_dir: str, manifest=None, name: str | None = None, infer_classes: bool = True) -> dict:
+    """The manifest of a folder data set: `manifest` (dict or JSON path) when given, else
+    `manual_dir/manifest.json`, else the common layout; `name` (of `folder:<name>`) must match a
+    manifest's name and names a layout. A layout without classes.txt gets its classes from the masks,
+    or `class_names` None when not `infer_classes`."""
+    explicit = os.path.join(manual_dir, MANIFEST_FILE)
+    if manifest is not None or os.path.isfile(explicit):
+        manifest = load_manifest(explicit if manifest is None else manifest)
+        if name is not None and manifest["name"] != name:
+            raise SegjaxError(f"manifest names data set '{manifest['name']}', not '{name}'; use folder:{manifest['name']} "
+                              "or rename it in the manifest")
+        return manifest
+    splits = layout_splits(manual_dir)
+    if splits is None:
+        raise SegjaxError(f"{manual_dir}: 'folder' needs a manifest (--manifest FILE.json, or {MANIFEST_FILE} in the "
+                          "folder) or the layout {train,val}/images/* with {train,val}/masks/<stem>.png; "
+                          "see segjax/data/folder.py")
+    return {"name": name or config_name(os.path.basename(os.path.abspath(manual_dir))),
+            "class_names": _layout_class_names(manual_dir, splits, infer_classes), "splits": splits}
+
+
+def match_pairs(root: str, spec: dict, split: str, missing=None) -> list[tuple[str, str, str, str | None]]:
+    """[(id, image path, mask path, roi path or None)] for one split, sorted by id.
+
+    An image without its mask or ROI raises; with `missing` (a callable taking the one-line message)
+    it is reported there and left out instead. An empty split always raises."""
+    def lacking(message):
+        if missing is None:
+            raise SegjaxError(message)
+        missing(message)
     pattern = spec["images"]
     image_dir, image_glob = os.path.split(pattern)
     full_dir = os.path.join(root, image_dir)
@@ -76,13 +156,15 @@ def match_pairs(root: str, spec: dict, split: str) -> list[tuple[str, str, str, 
         if not fnmatch.fnmatchcase(name, image_glob):
             continue
         i = id_of.match(name).group(1)
-        mask = os.path.join(root, spec["masks"].format(id=i))
+        ids = {"id": i, "stem": os.path.splitext(i)[0]}
+        mask = os.path.join(root, spec["masks"].format(**ids))
         if not os.path.isfile(mask):
-            raise SegjaxError(f"{mask}: mask for image {os.path.join(full_dir, name)} is missing; add it or "
-                              "remove the image")
-        roi = os.path.join(root, spec["roi"].format(id=i)) if spec.get("roi") else None
+            lacking(f"{mask}: mask for image {os.path.join(full_dir, name)} is missing; add it or remove the image")
+            continue
+        roi = os.path.join(root, spec["roi"].format(**ids)) if spec.get("roi") else None
         if roi and not os.path.isfile(roi):
-            raise SegjaxError(f"{roi}: ROI mask for image {os.path.join(full_dir, name)} is missing; add it or drop 'roi'")
+            lacking(f"{roi}: ROI mask for image {os.path.join(full_dir, name)} is missing; add it or drop 'roi'")
+            continue
         pairs.append((i, os.path.join(full_dir, name), mask, roi))
     if not pairs:
         raise SegjaxError(f"{os.path.join(full_dir, image_glob)}: empty split '{split}' (no image matches); "
@@ -95,17 +177,39 @@ def read(path: str) -> bytes:
         return f.read()
 
 
-def folder_example(pair, manifest) -> dict:
-    _, image_path, mask_path, roi_path = pair
-    image, hw = validate.encode_image(read(image_path), image_path)
-    value_map, threshold = manifest.get("value_map"), manifest.get("threshold")
-    mask = validate.remap(validate.decode_mask(read(mask_path), mask_path), value_map, threshold)
+def load_pair(pair, manifest, encode: bool = True) -> tuple[bytes | None, tuple[int, int], np.ndarray]:
+    """(image bytes to store, or None when not `encode`; (height, width); class-index mask after the
+    manifest's value map / threshold and ROI). Unchecked against the classes: see `check_pair`."""
+    image_path = pair[1]
+    if encode:
+        image, hw = validate.encode_image(read(image_path), image_path)
+    else:
+        image, hw = None, validate.image_size(read(image_path), image_path)
+    return image, hw, load_mask(pair, manifest)
+
+
+def load_mask(pair, manifest) -> np.ndarray:
+    """The class-index mask of a pair, after the manifest's value map / threshold and ROI."""
+    _, _, mask_path, roi_path = pair
+    mask = validate.remap(validate.decode_mask(read(mask_path), mask_path), manifest.get("value_map"),
+                          manifest.get("threshold"))
     if roi_path:
         mask = validate.apply_roi(mask, validate.decode_mask(read(roi_path), roi_path), roi_path)
-    validate.check_mask(mask, image_hw=hw, num_classes=len(manifest["class_names"]), where=mask_path,
-                        image_where=image_path, remapped=bool(value_map) or threshold is not None)
+    return mask
+
+
+def check_pair(pair, manifest, hw, mask, num_classes: int | None = None) -> None:
+    """Raises validate.InvalidData when training must not read this pair as it is."""
+    remapped = bool(manifest.get("value_map")) or manifest.get("threshold") is not None
+    validate.check_mask(mask, image_hw=hw, num_classes=num_classes or len(manifest["class_names"]), where=pair[2],
+                        image_where=pair[1], remapped=remapped)
+
+
+def folder_example(pair, manifest) -> dict:
+    image, hw, mask = load_pair(pair, manifest)
+    check_pair(pair, manifest, hw, mask)
     return {"image": image, "segmentation_mask": validate.encode_mask(mask),
-            "file_name": os.path.basename(image_path)}
+            "file_name": os.path.basename(pair[1])}
 
 
 @dataclasses.dataclass(eq=False)
@@ -114,7 +218,7 @@ class FolderConfig(tfds.core.BuilderConfig):
 
 
 def folder_config(manifest) -> FolderConfig:
-    manifest = load_manifest(manifest)
+    manifest = load_manifest(manifest)  # a dict passes through (checked again)
     return FolderConfig(name=manifest["name"], description=f"segmentation folder '{manifest['name']}'", manifest=manifest)
 
 

@@ -194,11 +194,6 @@ def make_eval_loader(source, *, batch_size: int, eval_size=None, base_size: int 
                       shard_index=shard_index, shard_count=shard_count)
 
 
-def crop_logits(logits: np.ndarray, valid_hw) -> list[np.ndarray]:
-    """Per-example logits cut back to their image's valid region (fillers give empty arrays)."""
-    return [np.asarray(logits[i, :h, :w]) for i, (h, w) in enumerate(np.asarray(valid_hw))]
-
-
 class DevicePrefetch:
     """Wraps a batch iterator so `depth` batches are already placed (`put`, e.g. onto the devices) ahead
     of the one being consumed: the host->device copy of the next batches is issued while the current step

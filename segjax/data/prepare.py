@@ -13,29 +13,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from segjax.data import folder, synthetic, voc
+from segjax.data import registry
 from segjax.errors import SegjaxError, writes_to
 
-NAMES = ("voc2012", "voc2012_aug", "drive", "duts", "folder", "synthetic")
+NAMES = registry.names()
 
 
 def default_data_dir() -> str:
     return os.environ.get("SEGJAX_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "segjax", "data")
-
-
-def _location(name: str, data_dir: str) -> tuple[str, str, str]:
-    """(tfds root, builder name, config name) of a data set."""
-    if name in ("voc2012", "voc2012_aug"):
-        return data_dir, "voc2012_segmentation", name
-    if name == "synthetic":
-        return os.path.join(data_dir, "synthetic"), "voc2012_segmentation", "voc2012"
-    config = name.split(":", 1)[1] if name.startswith("folder:") else name
-    return data_dir, "segmentation_folder", config
 
 
 @contextlib.contextmanager
@@ -60,82 +49,71 @@ def _build(builder, manual_dir: str | None, progress: bool) -> dict[str, int]:
     return {split: info.num_examples for split, info in builder.info.splits.items()}
 
 
-def _check_manual_dir(name: str, manual_dir: str | None) -> str:
+def _check_manual_dir(entry: registry.DataSet, name: str, manual_dir: str | None, flag: str) -> str:
     if manual_dir is None or not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
-        need = {"voc2012": voc.VOC_TAR, "voc2012_aug": f"{voc.VOC_TAR} and {voc.SBD_TGZ}",
-                "drive": "the extracted DRIVE folders (training/, test/)",
-                "duts": "the extracted DUTS-TR/ and DUTS-TE/"}.get(name, "the image and mask folders")
-        raise SegjaxError(f"{manual_dir or 'no --manual-dir'}: '{name}' needs a manual dir holding {need} "
-                          "(or the extracted folders); pass --manual-dir")
+        where = f"{manual_dir}: missing or empty" if manual_dir else "no manual dir given"
+        raise SegjaxError(f"{where}: '{name}' needs a manual dir holding {entry.manual_hint()}; download it there "
+                          f"and pass {flag}")
     return os.path.abspath(manual_dir)
 
 
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, *,
-            manifest=None, progress: bool = True, **synthetic_opts) -> dict[str, int]:
+            manifest=None, progress: bool = True, manual_dir_flag: str = "--manual-dir", **options) -> dict[str, int]:
     """Builds data set `name` (idempotent: a prepared one is left alone) and returns its split sizes.
 
-    `voc2012`, `voc2012_aug`, `drive`, `duts` read `manual_dir`; `folder` also needs `manifest` (a dict
-    or JSON path, see segjax.data.folder); `synthetic` takes `synthetic_opts` (image_size, num_train,
-    num_val, max_objects, seed) and regenerates when they change.
+    `voc2012`, `voc2012_aug`, `drive`, `duts` read `manual_dir`; `folder` reads it with `manifest` (a
+    dict or JSON path, see segjax.data.folder), its `manifest.json`, or in the common layout, and
+    `folder:<name>` opens a prepared one (or builds it so named); `synthetic` takes `options`
+    (image_size, num_train, num_val, max_objects, seed) and regenerates when they change.
+    `manual_dir_flag` is how the running command spells the manual dir in its errors (the training
+    loop: "--config.manual_dir=DIR").
     """
     data_dir = os.path.abspath(data_dir or default_data_dir())
     with writes_to(data_dir, "--data-dir (or $SEGJAX_DATA_DIR)"):
-        return _prepare(name, data_dir, manual_dir, manifest, progress, **synthetic_opts)
+        return _prepare(name, data_dir, manual_dir, manifest, progress, manual_dir_flag, options)
 
 
-def _prepare(name, data_dir, manual_dir, manifest, progress, **synthetic_opts) -> dict[str, int]:
-    if name == "synthetic":
-        return _prepare_synthetic(data_dir, progress, **synthetic_opts)
-    if synthetic_opts:
-        raise SegjaxError(f"options {sorted(synthetic_opts)} only apply to 'synthetic', not '{name}'")
-    if name in ("voc2012", "voc2012_aug"):
-        builder = voc.Voc2012Segmentation(config=name, data_dir=data_dir)
-    elif name in folder.PRESETS:
-        builder = folder.SegmentationFolder(config=name, data_dir=data_dir)
-    elif name == "folder":
-        if manifest is None:
-            raise SegjaxError("'folder' needs a manifest (--manifest FILE.json); see segjax/data/folder.py")
-        builder = folder.SegmentationFolder(config=folder.folder_config(manifest), data_dir=data_dir)
-    else:
-        raise SegjaxError(f"unknown data set '{name}'; choose one of {', '.join(NAMES)}")
+def _prepare(name, data_dir, manual_dir, manifest, progress, flag, options) -> dict[str, int]:
+    entry, suffix = registry.lookup(name)
+    if options and not entry.options:
+        takers = [n for n in registry.names() if registry.lookup(n)[0].options]
+        raise SegjaxError(f"options {sorted(options)} only apply to {', '.join(repr(t) for t in takers)}, not '{name}'")
+    if entry.prepare is not None:
+        return entry.prepare(entry.location(data_dir)[0], progress=progress, build=_build, **options)
+    if entry.config is not None or suffix is not None:
+        prepared = _prepared_dir(entry, data_dir, suffix)
+        if prepared is not None and (entry.config is not None or manifest is None):
+            return {split: info.num_examples for split, info in tfds.builder_from_directory(prepared).info.splits.items()}
+    if entry.manual:
+        manual_dir = _check_manual_dir(entry, name, manual_dir, flag)
+    root, _, config = entry.location(data_dir, suffix) if (entry.config or suffix) else (data_dir, None, None)
+    builder = entry.builder(root, config, manual_dir, manifest)
     if builder.is_prepared():
         return _build(builder, None, progress)
-    return _build(builder, _check_manual_dir(name, manual_dir), progress)
+    return _build(builder, manual_dir, progress)
 
 
-def _prepare_synthetic(data_dir: str, progress: bool, **opts) -> dict[str, int]:
-    unknown = set(opts) - set(synthetic.DEFAULTS)
-    if unknown:
-        raise SegjaxError(f"unknown synthetic options {sorted(unknown)}; valid: {sorted(synthetic.DEFAULTS)}")
-    params = {**synthetic.DEFAULTS, **opts}
-    root = os.path.join(data_dir, "synthetic")
-    params_file = os.path.join(root, "params.json")
-    builder = voc.Voc2012Segmentation(config="voc2012", data_dir=root)
-    if os.path.isfile(params_file):
-        with open(params_file) as f:
-            if json.load(f) == params and builder.is_prepared():
-                return _build(builder, None, progress)
-        shutil.rmtree(root)  # other parameters: start over rather than mix two data sets
-        builder = voc.Voc2012Segmentation(config="voc2012", data_dir=root)
-    raw = os.path.join(root, "raw")
-    synthetic.write_voc(raw, progress=progress, **params)
-    sizes = _build(builder, raw, progress)
-    with open(params_file, "w") as f:
-        json.dump(params, f)
-    return sizes
+def _versions(config_dir: str) -> list[str]:
+    versions = sorted(os.listdir(config_dir), key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit())) \
+        if os.path.isdir(config_dir) else []
+    return [v for v in versions if os.path.isfile(os.path.join(config_dir, v, "dataset_info.json"))]
+
+
+def _prepared_dir(entry: registry.DataSet, data_dir: str, suffix: str | None) -> str | None:
+    root, builder, config = entry.location(data_dir, suffix)
+    config_dir = os.path.join(root, builder, config)
+    versions = _versions(config_dir)
+    return os.path.join(config_dir, versions[-1]) if versions else None
 
 
 def _builder_dir(name: str, data_dir: str | None) -> str:
     data_dir = os.path.abspath(data_dir or default_data_dir())
-    root, builder, config = _location(name, data_dir)
-    config_dir = os.path.join(root, builder, config)
-    versions = sorted(os.listdir(config_dir), key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit())) \
-        if os.path.isdir(config_dir) else []
-    versions = [v for v in versions if os.path.isfile(os.path.join(config_dir, v, "dataset_info.json"))]
-    if not versions:
+    entry, suffix = registry.lookup(name)
+    found = _prepared_dir(entry, data_dir, suffix) if (entry.config or suffix) else None
+    if found is None:
         raise SegjaxError(f"data set '{name}' is not prepared in {data_dir}; run `segjax data prepare "
                           f"{name.split(':')[0]} --data-dir {data_dir}` first")
-    return os.path.join(config_dir, versions[-1])
+    return found
 
 
 class SegmentationSource:
@@ -174,11 +152,8 @@ def open_source(name: str, split: str, data_dir: str | None = None) -> Segmentat
 
 
 def class_names(name: str, data_dir: str | None = None) -> tuple[str, ...]:
-    if name in ("voc2012", "voc2012_aug"):
-        return voc.CLASS_NAMES
-    if name == "synthetic":
-        return synthetic.CLASS_NAMES
-    if name in folder.PRESETS:
-        return tuple(folder.PRESETS[name]["class_names"])
+    entry, _ = registry.lookup(name)
+    if entry.class_names is not None:
+        return tuple(entry.class_names)
     with open(os.path.join(_builder_dir(name, data_dir), "metadata.json")) as f:
         return tuple(json.load(f)["class_names"])

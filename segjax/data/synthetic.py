@@ -112,3 +112,32 @@ def write_voc(root: str, *, image_size: int = DEFAULTS["image_size"], num_train:
         with open(os.path.join(lists, f"{split}.txt"), "w") as f:
             f.write("".join(f"{i}\n" for i in ids))
     return {s: len(ids) for s, ids in splits.items()}
+
+
+def prepare(root: str, *, progress: bool, build, **opts) -> dict[str, int]:
+    """Writes the files under `root/raw` (root: the registry's tfds root) and builds them with the VOC builder (`build`
+    is segjax.data.prepare's); other parameters than last time start over rather than mix two sets."""
+    import json
+    import shutil
+
+    from segjax.data import voc
+    from segjax.errors import SegjaxError
+
+    unknown = set(opts) - set(DEFAULTS)
+    if unknown:
+        raise SegjaxError(f"unknown synthetic options {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+    params = {**DEFAULTS, **opts}
+    params_file = os.path.join(root, "params.json")
+    builder = voc.Voc2012Segmentation(config="voc2012", data_dir=root)
+    if os.path.isfile(params_file):
+        with open(params_file) as f:
+            if json.load(f) == params and builder.is_prepared():
+                return build(builder, None, progress)
+        shutil.rmtree(root)
+        builder = voc.Voc2012Segmentation(config="voc2012", data_dir=root)
+    raw = os.path.join(root, "raw")
+    write_voc(raw, progress=progress, **params)
+    sizes = build(builder, raw, progress)
+    with open(params_file, "w") as f:
+        json.dump(params, f)
+    return sizes

@@ -16,9 +16,10 @@ import functools
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+from segjax.data.validate import VOID
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the one definition (segjax.convert imports it from here)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-VOID = 255
 
 
 def pair(size) -> tuple[int, int]:

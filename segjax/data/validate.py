@@ -14,7 +14,16 @@ from PIL import Image
 
 from segjax.errors import SegjaxError
 
-VOID = 255
+VOID = 255  # the void / ignore label, here and in segjax.data.transforms' padding
+
+
+class InvalidData(SegjaxError):
+    """A file that training must not read as it is; `kind` says why ("corrupt", "rgb", "channels",
+    "size", "labels", "binary_0_255", "roi"), so `segjax.data.check` can count what it finds."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def _open(data: bytes, where: str) -> Image.Image:
@@ -22,8 +31,15 @@ def _open(data: bytes, where: str) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()  # decodes fully: truncated files fail here, not at training time
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise SegjaxError(f"{where}: corrupt or truncated image ({e}); re-download it or drop it from the split") from None
+        raise InvalidData(f"{where}: corrupt or truncated image ({e}); re-download it or drop it from the split",
+                          "corrupt") from None
     return img
+
+
+def image_size(data: bytes, where: str) -> tuple[int, int]:
+    """(height, width) of an image, decoded fully as `encode_image` does (truncated files fail here)."""
+    img = _open(data, where)
+    return img.height, img.width
 
 
 def _to_uint8(img: Image.Image) -> Image.Image:
@@ -72,14 +88,18 @@ def decode_mask(data: bytes, where: str) -> np.ndarray:
         a = np.asarray(img)[..., :3]
         if (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
             return np.ascontiguousarray(a[..., 0])  # grey stored as RGB: the index is unambiguous
-        raise SegjaxError(
+        raise InvalidData(
             f"{where}: RGB colour mask where class indices were expected; save it as a single-channel "
-            "'L' or palette PNG whose pixel values are class indices")
+            "'L' or palette PNG whose pixel values are class indices", "rgb")
     if img.mode in ("L", "LA"):
         return np.asarray(img.convert("L"), dtype=np.uint8)
     a = np.asarray(img)
-    if a.ndim != 2 or a.max() > 255 or a.min() < 0:
-        raise SegjaxError(f"{where}: mask mode {img.mode} with values up to {a.max()}; expected class indices 0-255")
+    if a.ndim != 2:
+        raise InvalidData(f"{where}: mask has {a.shape[-1]} channels (mode {img.mode}) where one channel of class "
+                          "indices was expected; save it as a single-channel 'L' or palette PNG", "channels")
+    if a.max() > 255 or a.min() < 0:
+        raise InvalidData(f"{where}: mask mode {img.mode} with values up to {a.max()}; expected class indices 0-255",
+                          "labels")
     return a.astype(np.uint8)
 
 
@@ -98,9 +118,9 @@ def remap(mask: np.ndarray, value_map: Mapping[int, int] | None = None, threshol
 def check_mask(mask: np.ndarray, *, image_hw: tuple[int, int], num_classes: int, where: str,
                image_where: str, remapped: bool = False) -> None:
     if mask.shape != tuple(image_hw):
-        raise SegjaxError(
+        raise InvalidData(
             f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but image {image_where} is "
-            f"{image_hw[1]}x{image_hw[0]}; masks must have the image's size (re-export it at full size)")
+            f"{image_hw[1]}x{image_hw[0]}; masks must have the image's size (re-export it at full size)", "size")
     values = np.unique(mask)
     bad = values[(values >= num_classes) & (values != VOID)]
     binary_0_255 = set(values.tolist()) == {0, VOID}
@@ -108,13 +128,13 @@ def check_mask(mask: np.ndarray, *, image_hw: tuple[int, int], num_classes: int,
         hint = ""
         if set(values.tolist()) <= {0, VOID} | set(bad.tolist()) and len(bad) > 2 and num_classes == 2:
             hint = " (looks like an anti-aliased binary mask: binarise it with a threshold, e.g. 128)"
-        raise SegjaxError(
+        raise InvalidData(
             f"{where}: labels {bad[:8].tolist()} outside [0, {num_classes}) and 255 (void); "
-            f"fix the mask or the value mapping{hint}")
+            f"fix the mask or the value mapping{hint}", "labels")
     if binary_0_255 and num_classes == 2 and not remapped:
-        raise SegjaxError(
+        raise InvalidData(
             f"{where}: mask holds only 0 and 255, and 255 means void, so every foreground pixel would be "
-            "ignored; binary masks saved as 0/255 need the value mapping {255: 1}")
+            "ignored; binary masks saved as 0/255 need the value mapping {255: 1}", "binary_0_255")
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
@@ -127,6 +147,6 @@ def encode_mask(mask: np.ndarray) -> bytes:
 def apply_roi(mask: np.ndarray, roi: np.ndarray, where: str) -> np.ndarray:
     """Pixels outside the region of interest (roi == 0) become void."""
     if roi.shape != mask.shape:
-        raise SegjaxError(f"{where}: ROI mask is {roi.shape[1]}x{roi.shape[0]} but the mask is "
-                          f"{mask.shape[1]}x{mask.shape[0]}; use the ROI that belongs to this image")
+        raise InvalidData(f"{where}: ROI mask is {roi.shape[1]}x{roi.shape[0]} but the mask is "
+                          f"{mask.shape[1]}x{mask.shape[0]}; use the ROI that belongs to this image", "roi")
     return np.where(roi > 0, mask, VOID).astype(np.uint8)
