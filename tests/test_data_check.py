@@ -98,7 +98,7 @@ def test_broken_folder_names_every_culprit(clean, tmp_path):
     assert "4 channels" in by_file["cmyk.png"]
     assert "corrupt or truncated image" in by_file["junk.jpg"]
     t = report.table
-    assert "outside [0, 5) and not 255: 9 (in 1 masks)" in t
+    assert "outside [0, 5) and not 255: 9 (in 1 mask(s))" in t
     assert "RGB colour masks 1, more channels than one 1, 0/255 binary masks 1" in t
     assert "size mismatches 1, unreadable 1" in t
     assert "absent from val | 4 class_4" in t and "NaN IoU" in t and "nanmean" in t

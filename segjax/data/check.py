@@ -22,8 +22,8 @@ from segjax.data.prepare import _builder_dir, class_names, open_source
 from segjax.errors import SegjaxError
 
 VOID = validate.VOID
-NAN_IOU = ("segjax.metrics.scores gives such a class NaN IoU when it is never predicted either, and mIoU "
-           "skips NaN (nanmean); predicted there, it scores IoU 0 and lowers mIoU")
+NAN_IOU = ("segjax.metrics.scores: NaN IoU there unless predicted; mIoU skips NaN (nanmean)",
+           "predicted there (a false positive), the class scores IoU 0 and lowers mIoU")
 
 
 @dataclasses.dataclass
@@ -254,7 +254,7 @@ def _report(reader: _Reader, source: str, names, classes: int, how: str | None, 
     rows.append(("labels found", f"in [0, {classes}): {text}"))
     if outside:
         rows.append(("", f"outside [0, {classes}) and not 255: {_labels(outside)} "
-                         f"(in {reader.kinds['labels']} masks): see the problems"))
+                         f"(in {reader.kinds['labels']} mask(s)): see the problems"))
     kinds = reader.kinds
     modes = ", ".join(f"{m} {n}" for m, n in sorted(reader.modes.items())) or "stored as single-channel PNG"
     rows.append(("mask files", f"modes: {modes}"))
@@ -270,7 +270,7 @@ def _report(reader: _Reader, source: str, names, classes: int, how: str | None, 
         absent = [c for c in range(classes) if reader.splits[eval_split].pixels[c] == 0]
         rows.append((f"absent from {eval_split}", ", ".join(f"{c} {names[c]}" for c in absent) or "none"))
         if absent:
-            rows.append(("", NAN_IOU))
+            rows.extend(("", line) for line in NAN_IOU)
     train_name = "train" if "train" in reader.splits else split_names[0]
     train = reader.splits[train_name]
     weights = median_frequency_weights(train, classes)
