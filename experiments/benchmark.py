@@ -53,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from segjax import analysis, models  # noqa: E402
+from segjax import analysis, losses, models  # noqa: E402
 
 # Dense peak TFLOP/s per device kind substring: (float32 as TF32, bfloat16).
 PEAK_TFLOPS = {"H200": (494.7, 989.4), "H100": (494.7, 989.4), "A100": (156.0, 312.0), "L4": (60.0, 121.0)}
@@ -92,26 +92,10 @@ def throughput(timing: dict, batch: int, flops: dict | None, peak: float | None)
 
 # ------------------------------------------------------------------------------------------ JAX side
 
-def segmentation_loss(logits, labels, ignore_index: int = 255):
-    logits = logits.astype(jnp.float32)
-    valid = labels != ignore_index
-    if logits.shape[-1] == 1:  # saliency (U2-Net): per-pixel BCE on the foreground
-        per_pixel = optax.sigmoid_binary_cross_entropy(logits[..., 0], (labels == 1).astype(jnp.float32))
-    else:
-        per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
-    return jnp.sum(per_pixel * valid) / jnp.maximum(valid.sum(), 1)
-
-
-def total_loss(out: dict, labels):
-    loss = segmentation_loss(out["out"], labels)
-    if "aux" in out:
-        loss += 0.5 * segmentation_loss(out["aux"], labels)
-    for side in out.get("sides", ()):
-        loss += segmentation_loss(side, labels)
-    return loss
-
-
 def make_jax_steps(model, tx, num_classes: int):
+    # The training recipes' own loss: CE + 0.5 aux CE, or U-2-Net's fused + side BCE for saliency.
+    total_loss = losses.make_loss("u2net_bce" if num_classes == 1 else "ce", num_classes)
+
     def loss_fn(params, batch_stats, x, y, rng):
         out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                                    mutable=["batch_stats"], rngs={"dropout": rng})

@@ -75,20 +75,24 @@ def _is_step_dir(path: str) -> bool:
 
 
 def resolve(path: str) -> str:
-    """`--checkpoint PATH`: a variables checkpoint or step directory as is; a workdir -> its best step."""
+    """`--checkpoint PATH`: a variables checkpoint or step directory as is; a workdir or its
+    `checkpoints/` root (Orbax's) -> its best step (the latest where no step has scores)."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
         raise SegjaxError(f"{path}: no such checkpoint or workdir")
     if os.path.isfile(os.path.join(path, META)) or _is_step_dir(path):
         return path
-    if os.path.isdir(os.path.join(path, CHECKPOINTS)):
-        with TrainCheckpoints(path, read_only=True) as ckpts:
-            step = ckpts.best_step()
-            if step is None:
-                raise SegjaxError(f"{path}: workdir has no finished checkpoint yet; train first (segjax train --workdir {path})")
-            return os.path.join(ckpts.directory, str(step))
-    raise SegjaxError(f"{path}: not a segjax checkpoint (no {META}, state/ or checkpoints/); "
-                      f"pass a workdir or a checkpoint directory")
+    workdir = path if os.path.isdir(os.path.join(path, CHECKPOINTS)) else \
+        os.path.dirname(path) if os.path.basename(path) == CHECKPOINTS else None
+    if workdir is None:
+        raise SegjaxError(f"{path}: not a segjax checkpoint (no {META}, state/ or checkpoints/); "
+                          f"pass a workdir or a checkpoint directory")
+    with TrainCheckpoints(workdir, read_only=True) as ckpts:
+        step = ckpts.best_step()
+        if step is None:
+            raise SegjaxError(f"{workdir}: workdir has no finished checkpoint yet; train first "
+                              f"(segjax train --workdir {workdir})")
+        return os.path.join(ckpts.directory, str(step))
 
 
 # ------------------------------------------------------------------------------ training checkpoints
@@ -170,13 +174,8 @@ class TrainCheckpoints:
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
-        """The kept step with the highest best_metric; the latest step where none has metrics."""
-        scored = []
-        for step in self.manager.all_steps():
-            metrics = self.manager.metrics(step)
-            if metrics and self.best_metric in metrics:
-                scored.append((float(metrics[self.best_metric]), step))
-        return max(scored)[1] if scored else self.latest_step()
+        """The kept step with the highest best_metric (Orbax's best_fn); the latest where none has scores."""
+        return self.manager.best_step()
 
     def save(self, step: int, state_tree, iterator, meta: dict, metrics: dict | None = None) -> None:
         import orbax.checkpoint as ocp

@@ -1,10 +1,16 @@
-"""`segjax` command line: the only place that parses arguments. Library functions take plain values.
+"""segjax: semantic segmentation in JAX/Flax (FCN, DeepLab v1/v2/v3/v3+, LR-ASPP, UNet, U2-Net).
 
-    segjax train | eval | predict | inspect | convert | data
+examples:
+  segjax train                                         the default recipe on built-in synthetic data
+  segjax train --config deeplabv3_resnet50_voc --config.batch_size=8
+  segjax eval --workdir runs/synthetic_unet            the metrics table of the best checkpoint
+  segjax predict --checkpoint runs/synthetic_unet photo.jpg --out masks/
+  segjax inspect deeplabv3_resnet50 --size 513 513     parameters, FLOPs, output stride
+  segjax convert deeplabv3_resnet50 deeplabv3_resnet50_coco.pth converted/
+  segjax data prepare voc2012 --manual-dir ~/Downloads
 
-A `SegjaxError` (bad input, a checkpoint that doesn't fit, ...) prints as one line, `error: ...`,
-with no traceback, and exits with status 2. `segjax train` stopped by SIGTERM/SIGINT exits with
-128 + the signal number (143, 130) after saving a checkpoint; the same command resumes.
+Bad input prints one line, `error: ...`, and exits with status 2. `segjax train` stopped by
+SIGTERM/SIGINT checkpoints, exits with 128 + the signal number, and the same command resumes.
 """
 from __future__ import annotations
 
@@ -102,7 +108,7 @@ def _add_eval(sub):
     p = sub.add_parser("eval", help="metrics table of a trained checkpoint on its validation split")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--workdir", help="a training workdir (its best checkpoint)")
-    where.add_argument("--checkpoint", help="a workdir, a checkpoint step directory or a converted checkpoint")
+    where.add_argument("--checkpoint", help="a workdir, its checkpoints/ folder, a checkpoint step directory or a converted checkpoint")
     p.add_argument("--dataset", default=None, help="default: the data set the checkpoint was trained on")
     p.add_argument("--split", default=None, help="default: the recipe's eval_split")
     p.add_argument("--data-dir", default=None)
@@ -111,8 +117,22 @@ def _add_eval(sub):
     p.add_argument("--ms-rule", default="mean-probs", choices=["mean-probs", "max-logits"],
                    help="with --multi-scale: mean-probs (DeepLab v3) or max-logits at 1/0.75/0.5 (DeepLab v2)")
     p.add_argument("--batch-size", type=int, default=8)
+    _add_tile_flags(p)
     _add_cache_flag(p)
     p.set_defaults(run=_run_eval)
+
+
+def _tile(args):
+    return tuple(args.tile) if args.tile else None
+
+
+def _add_tile_flags(p):
+    g = p.add_argument_group("tiled (sliding-window) inference, for images too large to predict whole")
+    g.add_argument("--tile", nargs=2, type=int, default=None, metavar=("H", "W"),
+                   help="tile size, a multiple of the model's output stride, no larger than the image")
+    g.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbour, "
+                   "in [0, 1) (default 0.25); overlaps are blended with a Gaussian window")
+    g.add_argument("--tile-batch", type=int, default=4, help="tiles per model call (default 4)")
 
 
 def _run_eval(args):
@@ -122,7 +142,8 @@ def _run_eval(args):
     _quiet_orbax()
     scores, names, meta = evaluate.evaluate(args.checkpoint or args.workdir, dataset=args.dataset, split=args.split,
                                             data_dir=args.data_dir, multi_scale=args.multi_scale, flip=args.flip,
-                                            batch_size=args.batch_size, ms_rule=args.ms_rule)
+                                            batch_size=args.batch_size, ms_rule=args.ms_rule, tile=_tile(args),
+                                            overlap=args.overlap, tile_batch=args.tile_batch)
     if "confusion" in scores or "iou" in scores:
         print(metrics.format_table(scores, names))
     else:
@@ -133,11 +154,14 @@ def _run_eval(args):
 
 def _add_predict(sub):
     p = sub.add_parser("predict", help="write a mask (and an overlay) for each image")
-    p.add_argument("--checkpoint", required=True, help="a workdir, a checkpoint step directory or a converted checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a workdir, its checkpoints/ folder, a checkpoint step directory or a converted checkpoint")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--multi-scale", action="store_true")
     p.add_argument("--flip", action="store_true")
+    p.add_argument("--save-probs", action="store_true", help="also write float16 class probabilities "
+                   "(<stem>_probs.npz) and a per-pixel entropy PNG; saliency: a 16-bit PNG of the map")
+    _add_tile_flags(p)
     _add_cache_flag(p)
     p.set_defaults(run=_run_predict)
 
@@ -148,7 +172,9 @@ def _run_predict(args):
     use_compilation_cache(args.compilation_cache)
     _quiet_orbax()
     with writes_to(args.out, "--out"):
-        written = predict.predict(args.checkpoint, args.images, args.out, multi_scale=args.multi_scale, flip=args.flip)
+        written = predict.predict(args.checkpoint, args.images, args.out, multi_scale=args.multi_scale, flip=args.flip,
+                                  tile=_tile(args), overlap=args.overlap, tile_batch=args.tile_batch,
+                                  save_probs=args.save_probs)
     print(f"wrote {len(written)} files to {args.out}")
 
 
@@ -241,7 +267,9 @@ def _run_data_prepare(args):
 # ------------------------------------------------------------------------------------------ main
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segjax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="segjax", description=__doc__.split("\n\n", 1)[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True)
     for add in (_add_train, _add_eval, _add_predict, _add_inspect, _add_convert, _add_data):
         add(sub)
@@ -259,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except SegjaxError as e:
         print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "exit_status", 2)  # trainer.Interrupted: 128 + signal number
+        return getattr(e, "exit_status", 2)  # preemption.Interrupted: 128 + signal number
 
 
 if __name__ == "__main__":

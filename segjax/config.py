@@ -1,11 +1,11 @@
 """Recipes: a Python file with `get_config() -> ml_collections.ConfigDict`, plus `--config.key=value` overrides.
 
-Overrides are type-checked against the recipe: a key the recipe doesn't have, or a value that
-doesn't parse as the key's type, is a one-line `SegjaxError`.
+Overrides are parsed by `ml_collections.config_flags` against the recipe's types: a key the recipe
+doesn't have, or a value that doesn't parse as the key's type, is a one-line `SegjaxError`.
+`check` owns every rule on the values; the builders that read a checked config trust it.
 """
 from __future__ import annotations
 
-import ast
 import difflib
 import importlib.util
 import json
@@ -88,88 +88,73 @@ def _complete(config: ml_collections.ConfigDict, where: str) -> ml_collections.C
     return out
 
 
-def _parse(raw: str, current, key: str):
-    """Parses `raw` as the type of `current` (the recipe's value)."""
-    def bad(why: str):
-        return SegjaxError(f"--config.{key}={raw}: {why}")
-
-    if isinstance(current, bool):
-        low = raw.lower()
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
-        raise bad("expected true or false")
-    if isinstance(current, int):
-        try:
-            return int(raw)
-        except ValueError:
-            raise bad("expected an integer") from None
-    if isinstance(current, float):
-        try:
-            return float(raw)
-        except ValueError:
-            raise bad("expected a number") from None
-    if isinstance(current, str):
-        return raw
-    if current is None:  # untyped in the recipe: a Python literal if it is one, else a string
-        try:
-            return ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            return raw
-    if isinstance(current, (tuple, list)):
-        try:
-            value = ast.literal_eval(raw if raw.strip().startswith(("(", "[")) else f"({raw},)")
-        except (ValueError, SyntaxError):
-            raise bad(f"expected a list like {list(current)}") from None
-        if not isinstance(value, (tuple, list)):
-            value = (value,)
-        if current and len(value) != len(current) and all(isinstance(c, (int, float)) for c in current):
-            if len(current) in (2, 3):  # fixed-size pairs/triples (scale_range, mean, std)
-                raise bad(f"expected {len(current)} values")
-        return type(current)(value)
-    if isinstance(current, (dict, ml_collections.ConfigDict)):
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                raise bad("expected a dict like {'key': value}") from None
-        if not isinstance(value, dict):
-            raise bad("expected a dict")
-        return ml_collections.ConfigDict(value) if isinstance(current, ml_collections.ConfigDict) else value
-    raise bad(f"cannot override a {type(current).__name__}")
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          tuple: "a list", ml_collections.ConfigDict: "a dict"}
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
-    """Applies ["--config.a.b=value", ...] (also "--config.a.b value") to a copy of `config`."""
-    config = ml_collections.ConfigDict(config.to_dict())  # a copy; keeps the recipe's value types
-    items = list(overrides)
-    while items:
-        arg = items.pop(0)
-        if not arg.startswith("--config."):
+    """Applies ["--config.a.b=value", ...] (also "--config.a.b value") to a locked copy of `config`.
+
+    `ml_collections.config_flags` parses them against the recipe's types (absl flags); its errors
+    become one-line SegjaxErrors naming the override, with the nearest key where one is close.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    for arg in overrides:
+        if not arg.startswith("--config.") and (arg.startswith("-") or arg is overrides[0]):
             raise SegjaxError(f"unrecognized argument {arg!r}; overrides look like --config.batch_size=8")
-        body = arg[len("--config."):]
-        if "=" in body:
-            key, raw = body.split("=", 1)
-        elif items and not items[0].startswith("--"):
-            key, raw = body, items.pop(0)
-        else:
-            raise SegjaxError(f"{arg}: missing value; write --config.{body}=VALUE")
-        parent, leaf = config, key.split(".")
-        for part in leaf[:-1]:
-            if not isinstance(parent.get(part, None), ml_collections.ConfigDict):
-                raise SegjaxError(f"--config.{key}: unknown key {part!r}; known: {', '.join(sorted(parent.keys()))}")
-            parent = parent[part]
-        name = leaf[-1]
-        if name not in parent:
-            known = ", ".join(sorted(parent.keys()))
-            raise SegjaxError(f"--config.{key}: unknown key {name!r}; known: {known}")
-        value = _parse(raw, parent[name], key)
-        with parent.unlocked():
-            parent[name] = value
-    return config
+    for i, arg in enumerate(overrides):
+        if arg.startswith("--config.") and "=" not in arg and (i + 1 == len(overrides)
+                                                                or overrides[i + 1].startswith("--")):
+            raise SegjaxError(f"{arg}: missing value; write {arg}=VALUE")
+    flag_values = flags.FlagValues()
+    argv = ["segjax", *overrides]
+    try:  # the override flags are defined from argv, so an unknown key fails already here
+        config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict(config.to_dict()),
+                                        flag_values=flag_values, lock_config=True, sys_argv=argv)
+        flag_values(argv)
+    except (AttributeError, KeyError):  # a key the recipe does not have
+        raise _first_unknown_key(config, overrides) from None
+    except flags.Error as e:
+        raise _bad_value(config, str(e)) from None
+    return flag_values.config
+
+
+def _first_unknown_key(config, overrides: list[str]) -> SegjaxError:
+    for arg in overrides:
+        if arg.startswith("--config."):
+            error = _unknown_key(config, arg[len("--config."):].split("=", 1)[0])
+            if error is not None:
+                return error
+    return SegjaxError(f"unknown key in {' '.join(overrides)}")
+
+
+def _unknown_key(config, key: str) -> SegjaxError | None:
+    parent, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(parent, ml_collections.ConfigDict) or part not in parent:
+            known = sorted(parent.keys()) if isinstance(parent, ml_collections.ConfigDict) else []
+            near = difflib.get_close_matches(part, known, n=1)
+            hint = f"; did you mean --config.{'.'.join(parts[:depth] + [near[0]])}?" if near else ""
+            if depth and not near:  # a new entry of a dict-valued key: give the whole dict
+                hint = f"; set the whole dict instead, e.g. --config.{'.'.join(parts[:depth])}='{{\"{part}\": ...}}'"
+            return SegjaxError(f"--config.{key}: unknown key {part!r}; known: {', '.join(known) or 'none'}{hint}")
+        parent = parent[part]
+    return None
+
+
+def _bad_value(config, message: str) -> SegjaxError:
+    """absl's "flag --config.k=v: why" -> "--config.k=v: expected <the recipe's type>"."""
+    m = re.search(r"--config\.([\w.]+)=(.*?): ", message)
+    if not m:
+        return SegjaxError(message.splitlines()[0])
+    key, raw = m[1], m[2]
+    current = config
+    for part in key.split("."):
+        current = current[part]
+    kind = _KINDS.get(type(current), f"a {type(current).__name__}")
+    return SegjaxError(f"--config.{key}={raw}: expected {kind} (like {current!r})")
 
 
 def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
@@ -181,15 +166,31 @@ def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     every training sample. Evaluation pads each batch to the split's largest image, rounded up to a
     multiple of 32, so it has no size limit.
     """
+    from segjax import losses, models
+
     def bad(key, why):
         return SegjaxError(f"config.{key}={config[key]!r}: {why}")
 
     for key in ("batch_size", "eval_batch_size", "base_size", "crop_size", "log_every_steps", "keep_checkpoints"):
         if config[key] <= 0:
             raise bad(key, f"must be positive; pass --config.{key}=N with N >= 1")
-    for key in ("num_steps", "num_epochs", "eval_every_steps", "stop_at_step", "warmup_epochs", "learning_rate"):
+    for key in ("num_steps", "num_epochs", "eval_every_steps", "stop_at_step", "warmup_epochs", "weight_decay",
+                "grad_clip_norm", "momentum", "aux_weight", "dice_weight"):
         if config[key] < 0:
             raise bad(key, f"must be >= 0; pass --config.{key} a non-negative value")
+    if not config.learning_rate > 0:
+        raise bad("learning_rate", "must be > 0, e.g. --config.learning_rate=0.01")
+    if not 0 < config.warmup_factor <= 1:
+        raise bad("warmup_factor", "must be in (0, 1], e.g. --config.warmup_factor=0.001")
+    if config.nesterov and not config.momentum:
+        raise bad("nesterov", "needs momentum > 0; set --config.momentum=0.9 or --config.nesterov=false")
+    for key in ("mean", "std"):
+        if len(config[key]) != 3 or (key == "std" and min(config[key]) <= 0):
+            raise bad(key, "must be 3 values (R, G, B), std > 0, e.g. --config.std=0.229,0.224,0.225")
+    if config.class_weights and len(config.class_weights) != config.num_classes:
+        raise bad("class_weights", f"needs one weight per class ({config.num_classes}), or () for none")
+    if not config.eval_scales or min(config.eval_scales) <= 0:
+        raise bad("eval_scales", "must be positive scales, e.g. --config.eval_scales=0.5,1.0,1.5")
     if not config.num_steps and not config.num_epochs:
         raise bad("num_epochs", "training needs num_epochs > 0 or num_steps > 0")
     if config.batch_size % device_count:
@@ -207,15 +208,12 @@ def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
                                f"padding; use --config.crop_size <= {int(largest)} or raise base_size")
     choices = {"task": ("segmentation", "saliency"), "dtype": ("float32", "bfloat16", "float16"),
                "schedule": ("poly", "cosine"), "optimizer": ("sgd", "adamw"), "nonfinite": ("stop", "skip"),
-               "loss": ("ce", "ce+dice", "u2net_bce")}
+               "loss": losses.LOSSES, "best_metric": ("miou", "mean_acc", "global_acc", "fwiou", "max_f")}
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise bad(key, f"choose one of {', '.join(allowed)}")
-    if not isinstance(config.compilation_cache, bool):
-        raise bad("compilation_cache", "must be true or false")
     if config.num_classes < 1 or (config.task == "saliency" and config.num_classes != 1):
         raise bad("num_classes", "must be >= 1 (1 for the saliency task)")
-    from segjax import models
     if config.model not in models.names():
         raise bad("model", f"unknown model; choose one of {', '.join(models.names())}")
 
@@ -259,6 +257,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = "sgd"
     c.learning_rate = 0.02
     c.momentum = 0.9
+    c.nesterov = False
     c.weight_decay = 1e-4
     c.lr_mult = ml_collections.ConfigDict({"aux_classifier": 10.0})
     c.grad_clip_norm = 0.0             # 0 = off
@@ -267,7 +266,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmup_epochs = 1.0
     c.warmup_factor = 1e-3
 
-    c.loss = "ce"                      # "ce", "ce+dice", "u2net_bce"
+    c.loss = "ce"                      # "ce", "ce+dice", "soft_iou", "ce+soft_iou", "u2net_bce"
     c.aux_weight = 0.5
     c.dice_weight = 1.0                # weight of the dice term in "ce+dice"
     c.class_weights = ()               # () = unweighted

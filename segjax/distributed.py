@@ -4,9 +4,10 @@
 processes find each other through, in this order:
   1. arguments (the CLI's --coordinator-address HOST:PORT --num-processes N --process-id I);
   2. SEGJAX_COORDINATOR_ADDRESS, SEGJAX_NUM_PROCESSES, SEGJAX_PROCESS_ID;
-  3. a cluster JAX detects by itself: SLURM (srun), Open MPI (mpirun), Cloud TPU pods and GKE.
+  3. a cluster scheduler's environment: SLURM (srun), Open MPI (mpirun), TPU pods on GKE (CLUSTERS).
 Values missing from 1 and 2 are filled in from 3. With none of them, or a single process, nothing
-is initialised and training runs in this one process. SEGJAX_DISTRIBUTED=0 turns 3 off.
+is initialised and training runs in this one process. SEGJAX_DISTRIBUTED=0 turns 3 off;
+SEGJAX_DISTRIBUTED=jax hands the detection to JAX (Cloud TPU VM pods, found through their metadata).
 
 `initialize` must run before anything else uses JAX in the process (before the first array).
 """
@@ -22,25 +23,33 @@ FLAGS = {"coordinator_address": "--coordinator-address", "num_processes": "--num
          "process_id": "--process-id"}
 
 
-def detected_cluster() -> tuple[str, int] | None:
-    """(name, process count) of the cluster JAX's own auto-detection would pick, or None.
+# Schedulers JAX's auto-detection knows, by the environment each documents for its tasks:
+# (name, variable that says we run under it, variable holding the number of processes).
+CLUSTERS = (
+    ("SlurmCluster", "SLURM_JOB_ID", "SLURM_NTASKS"),                 # srun
+    ("OmpiCluster", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE"),  # mpirun (Open MPI)
+    ("GkeTpuCluster", "TPU_WORKER_HOSTNAMES", None),                  # TPU pods on GKE: one host per name
+)
 
-    Uses JAX's detectors (jax._src.clusters, what `jax.distributed.initialize()` consults) so the
-    two never disagree; a JAX without them counts as no cluster.
+
+def detected_cluster() -> tuple[str, int] | None:
+    """(name, process count) of a cluster scheduler this process runs under, or None.
+
+    Read from the schedulers' documented environment variables (CLUSTERS), the ones JAX's
+    `jax.distributed.initialize()` completes its arguments from. Cloud TPU VM pods announce
+    themselves only through the metadata server, which JAX queries: set SEGJAX_DISTRIBUTED=jax there
+    and `plan` leaves the whole detection to `jax.distributed.initialize()`.
     """
     if os.environ.get("SEGJAX_DISTRIBUTED", "").strip().lower() in ("0", "off", "false", "no"):
         return None
-    try:
-        from jax._src.clusters import ClusterEnv
-    except ImportError:
-        return None
-    for env in ClusterEnv._cluster_types:
-        if env.opt_in_only_method:  # mpi4py: only when asked for by name
+    for name, present, count in CLUSTERS:
+        if not os.environ.get(present, "").strip():
             continue
+        if count is None:
+            return name, len([h for h in os.environ[present].split(",") if h.strip()])
         try:
-            if env.is_env_present():
-                return env.__name__, int(env.get_process_count())
-        except Exception:  # a half-configured environment: JAX would fail on it too; treat as absent
+            return name, int(os.environ.get(count, ""))
+        except ValueError:  # a half-configured environment: JAX would fail on it too; treat as absent
             continue
     return None
 
@@ -70,6 +79,8 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
             explicit[key] = _parse_int(explicit[key], where[key])
     cluster = detected_cluster()
     if not explicit:
+        if os.environ.get("SEGJAX_DISTRIBUTED", "").strip().lower() == "jax":
+            return {}  # jax.distributed.initialize() detects the cluster itself (Cloud TPU VM pods)
         return {} if cluster and cluster[1] > 1 else None
     n = explicit.get("num_processes")
     if n is not None and n < 1:

@@ -1,18 +1,24 @@
-"""Class probabilities from a model, optionally averaged over scales and horizontal flips (DeepLab v3).
+"""Class probabilities from a model, optionally over scales and horizontal flips; loading a model to predict.
 
 Shared by validation during training, `segjax eval` and `segjax predict`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
+from segjax import checkpoint
 from segjax import nn as snn
+from segjax.errors import SegjaxError
 
 
-MS_RULES = ("mean-probs", "max-logits")
+DEEPLAB_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# Multi-scale rule -> its scales: DeepLab v3's averaged softmax, DeepLab v2's max of logits at 1, 0.75, 0.5.
+MS_SCALES = {"mean-probs": DEEPLAB_SCALES, "max-logits": (0.5, 0.75, 1.0)}
+MS_RULES = tuple(MS_SCALES)
 
 
 def predict_probs(apply_fn, variables, images: jax.Array, scales: Sequence[float] = (1.0,),
@@ -79,3 +85,40 @@ def labels_from_probs(probs: jax.Array, task: str = "segmentation") -> jax.Array
     if task == "saliency":
         return (probs[..., 0] > 0.5).astype(jnp.int32)
     return jnp.argmax(probs, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceModel:
+    """A model with its variables, as a checkpoint describes it: what evaluation and prediction need."""
+    model: object
+    variables: dict
+    task: str
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+    @property
+    def apply_fn(self):
+        return self.model.apply
+
+
+def load_for_inference(path: str) -> tuple[InferenceModel, dict]:
+    """(InferenceModel, checkpoint meta) from a workdir, its checkpoints/ root, a step directory or a
+    converted checkpoint; the variables are checked to fit the model the meta describes."""
+    from segjax import models
+    from segjax.convert import check_fits, model_shapes
+
+    variables, meta = checkpoint.load_variables(path)
+    kw = dict(meta.get("model_kwargs") or {})
+    num_classes = int(meta.get("num_classes") or kw.pop("num_classes", 0) or 0)
+    kw.pop("num_classes", None)
+    if not num_classes:
+        raise SegjaxError(f"{path}: the checkpoint does not say its number of classes")
+    model = models.create(meta["model"], num_classes, **kw)
+    check_fits(variables, model_shapes(model), f"{path} (saved as model={meta['model']}, num_classes={num_classes})")
+    task = meta.get("task") or ("saliency" if meta["model"].startswith("u2net") else "segmentation")
+    if "mean" not in meta or "std" not in meta:  # written before checkpoints carried their normalisation
+        from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+        meta = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **meta}
+    mean, std = tuple(meta["mean"]), tuple(meta["std"])
+    return InferenceModel(model, variables, task, num_classes, mean, std), meta

@@ -7,6 +7,7 @@ import atexit
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class MetricWriter:
                 tb.flush()
                 tb.close()
             except OSError:
-                _abandon(tb)
+                _quiet_failed_flush_at_exit()
                 raise
 
     def _close_at_exit(self) -> None:
@@ -68,17 +69,16 @@ class MetricWriter:
             pass  # the disk refused the last events; the run has already reported why
 
 
-def _abandon(tb) -> None:
-    """Closes a tensorboardX writer whose final flush failed, dropping its unwritten events."""
-    events = getattr(getattr(tb, "file_writer", None), "event_writer", None)
-    if events is None or getattr(events, "_closed", True):
-        return
-    events._closed = True  # tensorboardX's exit hook would retry the flush and print a traceback
-    for stop in (events._worker.stop, events._ev_writer.close):
-        try:
-            stop()
-        except OSError:
-            pass
+def _quiet_failed_flush_at_exit() -> None:
+    """After a final flush failed (e.g. disk full), tensorboardX's own exit hook retries it and fails
+    again; Python reports an exception in an exit hook through sys.unraisablehook, which would print a
+    traceback after the run's one-line error. Drop those OSErrors; anything else is still reported."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, OSError):
+            previous(unraisable)
+    sys.unraisablehook = hook
 
 
 def read_metrics(workdir: str) -> list[dict]:

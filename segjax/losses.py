@@ -124,15 +124,40 @@ def u2net_bce(outputs: Mapping, target, ignore_index: int = 255):
     )
 
 
-def segmentation_loss(outputs: Mapping, labels, aux_weight: float = 0.5, ignore_index: int = 255,
-                      class_weights=None, dice_weight: float = 0.0):
-    """torchvision's criterion: CE(out) + aux_weight * CE(aux) when the model has an aux head.
+LOSSES = ("ce", "ce+dice", "soft_iou", "ce+soft_iou", "u2net_bce")
 
-    `dice_weight` > 0 adds dice_weight * dice_loss(out) (the UNet recipe: CE + 1.0 * Dice).
+
+def make_loss(kind: str, num_classes: int, *, aux_weight: float = 0.5, dice_weight: float = 1.0,
+              class_weights=None, ignore_index: int = 255):
+    """The recipe's loss, `loss(outputs, labels) -> scalar`, on the model's float32 output dict.
+
+    "ce": torchvision's criterion, CE(out) + aux_weight * CE(aux) when the model has an aux head;
+    "ce+dice": that + dice_weight * dice(out) (the UNet recipe); "soft_iou": 1 - I/U of the
+    probabilities (the seeds' soft-IoU, I = sum X*Y, U = sum X + Y - X*Y), plus the aux head's at
+    aux_weight; "ce+soft_iou": "ce" + soft_iou(out); "u2net_bce": U-2-Net's fused + side BCE.
     """
-    loss = cross_entropy(outputs["out"], labels, ignore_index, class_weights)
-    if dice_weight:
-        loss = loss + dice_weight * dice_loss(outputs["out"], labels, ignore_index=ignore_index)
-    if "aux" in outputs and aux_weight:
-        loss = loss + aux_weight * cross_entropy(outputs["aux"], labels, ignore_index, class_weights)
-    return loss
+    weights = None if class_weights is None or not len(class_weights) else jnp.asarray(class_weights, jnp.float32)
+    if weights is not None and weights.shape != (num_classes,):
+        raise SegjaxError(f"config.class_weights has {weights.shape[0]} entries; the model has {num_classes} classes")
+
+    def with_aux(term):
+        def loss(outputs, labels):
+            total = term(outputs["out"], labels)
+            if "aux" in outputs and aux_weight:
+                total = total + aux_weight * term(outputs["aux"], labels)
+            return total
+        return loss
+
+    ce = with_aux(lambda logits, labels: cross_entropy(logits, labels, ignore_index, weights))
+    if kind == "ce":
+        return ce
+    if kind == "ce+dice":
+        return lambda outputs, labels: ce(outputs, labels) + dice_weight * dice_loss(
+            outputs["out"], labels, num_classes, ignore_index=ignore_index)
+    if kind == "soft_iou":
+        return with_aux(lambda logits, labels: soft_iou_loss(logits, labels, ignore_index))
+    if kind == "ce+soft_iou":
+        return lambda outputs, labels: ce(outputs, labels) + soft_iou_loss(outputs["out"], labels, ignore_index)
+    if kind == "u2net_bce":
+        return lambda outputs, labels: u2net_bce(outputs, labels.astype(jnp.float32), ignore_index)
+    raise SegjaxError(f"config.loss={kind!r}: use one of {', '.join(LOSSES)}")

@@ -22,7 +22,7 @@ the norm: a relative difference of 1e-6 / norm).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Mapping
 
 import jax
 import optax
@@ -40,21 +40,11 @@ def make_optimizer(
     weight_decay: float = 1e-4,
     nesterov: bool = False,
     lr_mult: Mapping[str, float] | None = None,
-    head_lr_mult: Mapping[str, float] | None = None,
     grad_clip_norm: float | None = None,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    decay_mask: Callable | None = None,
 ) -> optax.GradientTransformation:
-    """Build "sgd" or "adamw". `head_lr_mult` is another name for `lr_mult`.
-
-    `decay_mask`: optional callable params -> tree of bools, True where weight decay applies
-    (default: every parameter, as the torchvision reference does).
-    """
-    if head_lr_mult is not None:
-        if lr_mult is not None:
-            raise SegjaxError("give lr_mult or head_lr_mult, not both (they are the same option)")
-        lr_mult = head_lr_mult
+    """Build "sgd" or "adamw" (betas 0.9/0.999, eps 1e-8: torch's defaults); weight decay applies to
+    every parameter, as the torchvision reference does. `lr_mult` scales the updates of top-level
+    parameter groups (e.g. {"aux_classifier": 10.0})."""
     if weight_decay < 0:
         raise SegjaxError(f"weight_decay must be >= 0, got {weight_decay}")
     if grad_clip_norm is not None and grad_clip_norm <= 0:
@@ -63,14 +53,14 @@ def make_optimizer(
     parts = []
     if grad_clip_norm is not None:
         parts.append(optax.clip_by_global_norm(grad_clip_norm))
-    decay = optax.add_decayed_weights(weight_decay, mask=decay_mask) if weight_decay else None
+    decay = optax.add_decayed_weights(weight_decay) if weight_decay else None
     if name == "sgd":
         if nesterov and momentum <= 0:
             raise SegjaxError("nesterov SGD needs momentum > 0; set momentum (e.g. 0.9) or nesterov=False")
         parts += [decay] if decay else []
         parts += [optax.trace(decay=momentum, nesterov=nesterov)] if momentum else []
     elif name == "adamw":
-        parts.append(optax.scale_by_adam(b1=betas[0], b2=betas[1], eps=eps))
+        parts.append(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8))
         parts += [decay] if decay else []
     else:
         raise SegjaxError(f"unknown optimizer {name!r}; use 'sgd' or 'adamw'")

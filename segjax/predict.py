@@ -16,9 +16,12 @@ from PIL import Image
 from segjax.errors import SegjaxError
 
 
-def output_paths(images: list[str], out_dir: str, task: str) -> list[dict]:
+def output_paths(images: list[str], out_dir: str, task: str, save_probs: bool = False) -> list[dict]:
     suffixes = {"mask": "_saliency.png", "overlay": "_cutout.png"} if task == "saliency" \
         else {"mask": ".png", "overlay": "_overlay.jpg"}
+    if save_probs:
+        suffixes.update({"saliency16": "_saliency16.png"} if task == "saliency" else
+                        {"probs": "_probs", "entropy": "_entropy.png"})
     inputs = {os.path.realpath(p) for p in images}
     plans, seen = [], {}
     for image in images:
@@ -87,38 +90,81 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> Image.
     return Image.fromarray(np.clip(np.rint(blend), 0, 255).astype(np.uint8), "RGB")
 
 
-def predict(path: str, images: list[str], out_dir: str, *, multi_scale: bool = False, flip: bool = False) -> list[str]:
-    """Writes the outputs for each image; returns the written paths."""
-    from segjax import inference
-    from segjax.evaluate import DEEPLAB_SCALES, IMAGENET_MEAN, IMAGENET_STD, load_for_inference
+def predict(path: str, images: list[str], out_dir: str, *, multi_scale: bool = False, flip: bool = False,
+            tile=None, overlap: float = 0.25, tile_batch: int = 4, save_probs: bool = False) -> list[str]:
+    """Writes the outputs for each image; returns the written paths.
+
+    tile (H, W): sliding-window inference (segjax.tiling): one compiled tile shape, blended overlaps,
+    probabilities accumulated on the host band by band, so images far larger than memory allows for
+    whole-image inference predict. save_probs: also `<stem>_probs.npz` (float16 (H, W, C) and the
+    class names) and `<stem>_entropy.png`; saliency models write `<stem>_saliency16.png` (16-bit).
+    """
+    from segjax import inference, tiling
 
     if not images:
         raise SegjaxError("no images given; pass one or more image files")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SegjaxError(f"{out_dir}: --out must be a directory, and this is a file; pick another --out")
     images = expand_inputs(images)
-    state, meta = load_for_inference(path)
-    plans = output_paths(images, out_dir, state.task)
-    mean = np.asarray(meta.get("mean", IMAGENET_MEAN), np.float32)
-    std = np.asarray(meta.get("std", IMAGENET_STD), np.float32)
-    scales = DEEPLAB_SCALES if multi_scale else (1.0,)
-    probs_fn = jax.jit(lambda variables, x: inference.predict_probs(state.apply_fn, variables, x, scales, flip,
-                                                                    state.task))
+    loaded, meta = inference.load_for_inference(path)
+    plans = output_paths(images, out_dir, loaded.task, save_probs)
+    scales = inference.DEEPLAB_SCALES if multi_scale else (1.0,)
+    if tile is not None:  # every image's tiling is checked before anything is written
+        stride = _output_stride(loaded)
+        for image_path in images:
+            with Image.open(image_path) as img:
+                tiling.plan_tiles((img.height, img.width), tile, overlap, stride)
+        tiled_fn = tiling.make_probs_fn(loaded.apply_fn, loaded.variables, scales, flip, loaded.task)
+    probs_fn = jax.jit(lambda variables, x: inference.predict_probs(loaded.apply_fn, variables, x, scales, flip,
+                                                                    loaded.task))
+    names = _class_names(meta, loaded.num_classes)
+    mean, std = np.asarray(loaded.mean, np.float32), np.asarray(loaded.std, np.float32)
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for image_path, plan in zip(images, plans):
         image = _read(image_path)
-        x = ((image.astype(np.float32) / 255.0 - mean) / std)[None]
-        probs = np.asarray(probs_fn(state.variables, x))[0]
-        if state.task == "saliency":
-            sal = probs[..., 0]
-            sal = (sal - sal.min()) / max(float(sal.max() - sal.min()), 1e-8)
-            grey = np.rint(sal * 255).astype(np.uint8)
-            Image.fromarray(grey, "L").save(plan["mask"])
-            Image.fromarray(np.dstack([image, grey]), "RGBA").save(plan["overlay"])
+        if tile is not None:
+            probs = tiling.predict_tiled(tiled_fn, image, tile, overlap, tile_batch, output_stride=stride,
+                                         mean=loaded.mean, std=loaded.std)
         else:
-            labels = probs.argmax(-1)
-            colour_mask(labels).save(plan["mask"])
-            overlay(image, labels).save(plan["overlay"], quality=90)
-        written += [plan["mask"], plan["overlay"]]
+            x = ((image.astype(np.float32) / 255.0 - mean) / std)[None]
+            probs = np.asarray(probs_fn(loaded.variables, x))[0]
+        written += _write(plan, image, probs, loaded.task, names)
     return written
+
+
+def _write(plan: dict, image: np.ndarray, probs: np.ndarray, task: str, names: list[str]) -> list[str]:
+    from segjax import probmaps
+
+    if task == "saliency":
+        sal = probs[..., 0]
+        sal = (sal - sal.min()) / max(float(sal.max() - sal.min()), 1e-8)
+        grey = np.rint(sal * 255).astype(np.uint8)
+        Image.fromarray(grey, "L").save(plan["mask"])
+        Image.fromarray(np.dstack([image, grey]), "RGBA").save(plan["overlay"])
+        if "saliency16" in plan:
+            probmaps.saliency_png16(plan["saliency16"], probs[..., 0])
+    else:
+        labels = probs.argmax(-1)
+        colour_mask(labels).save(plan["mask"])
+        overlay(image, labels).save(plan["overlay"], quality=90)
+        if "probs" in plan:
+            plan["probs"] = probmaps.save_probs(plan["probs"], probs, names)
+            probmaps.entropy_png(plan["entropy"], probs)
+    return list(plan.values())
+
+
+def _output_stride(loaded) -> int | tuple:
+    from segjax import analysis
+
+    return analysis.output_stride(loaded.model, variables=loaded.variables)["feature"] or 1
+
+
+def _class_names(meta: dict, num_classes: int) -> list[str]:
+    from segjax import data
+
+    try:
+        names = list(data.class_names(meta["dataset"])) if meta.get("dataset") else []
+    except Exception:  # a data set without names
+        names = []
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]

@@ -25,7 +25,7 @@ from segjax.errors import SegjaxError
 
 def _check(base_lr: float, total_steps: int, warmup_steps: int, warmup_factor: float) -> None:
     if base_lr <= 0:
-        raise SegjaxError(f"learning rate must be > 0, got {base_lr}; set config.lr to a positive value")
+        raise SegjaxError(f"base_lr must be > 0, got {base_lr}")
     if total_steps <= 0:
         raise SegjaxError(f"total_steps must be > 0, got {total_steps}; train for at least one step")
     if not 0 <= warmup_steps < total_steps:

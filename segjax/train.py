@@ -1,223 +1,354 @@
-"""Training: a TrainState, two pure step functions, and `train_and_evaluate(config, workdir)`.
+"""`train_and_evaluate(config, workdir)`: the training loop, read top to bottom (set up, loop, report).
 
-`train_step(state, batch, rng) -> (state, metrics)` and `eval_step(state, batch) -> sums` are pure.
-They run three ways with the same code:
-  * jit with NamedSharding over a 1-D device mesh ("data"): batch sharded, state replicated; XLA
-    reduces BatchNorm statistics and gradients over the global batch (the model has no axis_name);
-  * jax.pmap with `axis_name=...` (the model built with the same axis_name for cross-replica BN);
-  * one device.
-Mixed precision: the model computes in `config.dtype`; params and optimizer state stay float32 and
-the loss is computed in float32. A non-finite loss or gradient leaves params, optimizer state and
-BatchNorm statistics untouched for that step (and is reported in the metrics as `nonfinite`).
+Builds data, model, optimizer and TrainState from a recipe, resumes from the workdir's latest
+checkpoint (params, optimizer state, BatchNorm statistics, step, RNG and the data iterator's
+position), trains with the jitted data-parallel step (segjax.step), evaluates, checkpoints (latest
+k + best), and logs to metrics.jsonl / TensorBoard / PNG plots. Only `segjax.cli` imports this module.
+
+Preemption (segjax.preemption): SIGTERM or SIGINT finishes the current step, checkpoints and returns
+{"stopped": True, "signal": ...}. Resuming falls back past unreadable checkpoints (see
+TrainCheckpoints.restore_latest). A NaN/Inf loss or gradient stops with an error naming the step
+before any checkpoint records it, unless config.nonfinite="skip" (skipped steps are counted in
+metrics.jsonl and the final message).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import json
+import math
+import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from segjax import inference
+from segjax import checkpoint, data, evaluate, logs, losses, metrics, models, optim, preemption, schedules, step as S
+from segjax import config as config_lib
+from segjax.errors import SegjaxError
 
-LossFn = Callable[[dict, jax.Array], jax.Array]
+DEVICE_PREFETCH = 2  # train batches placed on the devices ahead of the step (0: just in time)
 
-
-class TrainState(struct.PyTreeNode):
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    rng: jax.Array                      # base PRNG key (raw uint32); step keys are fold_in(rng, step)
-    apply_fn: Callable = struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = struct.field(pytree_node=False)
-    loss_fn: LossFn = struct.field(pytree_node=False)
-    task: str = struct.field(pytree_node=False, default="segmentation")
-    num_classes: int = struct.field(pytree_node=False, default=21)
-
-    @property
-    def variables(self) -> dict:
-        return {"params": self.params, "batch_stats": self.batch_stats}
-
-    def checkpoint_tree(self) -> dict:
-        """Everything that resumes training exactly (with the data iterator's state, saved beside it)."""
-        return {"step": self.step, "params": self.params, "batch_stats": self.batch_stats,
-                "opt_state": self.opt_state, "rng": self.rng}
-
-    def replace_from_checkpoint(self, tree: dict) -> "TrainState":
-        return self.replace(**{k: tree[k] for k in ("step", "params", "batch_stats", "opt_state", "rng")})
-
-
-def init_variables(model, rng: jax.Array, image_shape: tuple[int, int, int]) -> dict:
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False))({"params": rng, "dropout": rng}, x)
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-
-
-def create_train_state(rng: jax.Array, model, tx: optax.GradientTransformation, loss_fn: LossFn,
-                       image_shape: tuple[int, int, int], variables: dict | None = None,
-                       task: str = "segmentation", num_classes: int = 21) -> TrainState:
-    init_rng, train_rng = jax.random.split(rng)
-    variables = variables if variables is not None else init_variables(model, init_rng, image_shape)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=train_rng, apply_fn=model.apply, tx=tx,
-                      loss_fn=loss_fn, task=task, num_classes=num_classes)
-
-
-def _where(ok, new, old):
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-
-def train_step(state: TrainState, batch: dict, rng: jax.Array, axis_name: str | None = None):
-    """One SGD step on {"image": (B,H,W,3) float32, "mask": (B,H,W) int32}; returns (state, metrics)."""
-    if axis_name is not None:  # a different dropout mask on every replica
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-
-    def loss_of(params):
-        outputs, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                                          train=True, mutable=["batch_stats"], rngs={"dropout": rng})
-        outputs = jax.tree_util.tree_map(lambda t: t.astype(jnp.float32), outputs)
-        return state.loss_fn(outputs, batch["mask"]), updates.get("batch_stats", state.batch_stats)
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    if axis_name is not None:
-        grads = jax.lax.pmean(grads, axis_name)
-        loss = jax.lax.pmean(loss, axis_name)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # Finite gradients can still give a non-finite update (e.g. a NaN learning rate): check both.
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
-    new_state = state.replace(step=state.step + 1,
-                              params=_where(ok, params, state.params),
-                              opt_state=_where(ok, opt_state, state.opt_state),
-                              batch_stats=_where(ok, batch_stats, state.batch_stats))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~ok).astype(jnp.int32)}
-    return new_state, metrics
-
-
-def eval_step(state: TrainState, batch: dict, scales=(1.0,), flip: bool = False, axis_name: str | None = None,
-              ms_rule: str = "mean-probs"):
-    """Sums over a batch: {"confusion": (C, C) int32} (segmentation) or saliency sums (saliency)."""
-    from segjax import metrics
-
-    probs = inference.predict_probs(state.apply_fn, state.variables, batch["image"], scales, flip, state.task,
-                                    ms_rule)
-    if state.task == "saliency":
-        sums = metrics.saliency_sums(probs[..., 0], batch["mask"])
-    else:
-        pred = inference.labels_from_probs(probs)
-        sums = {"confusion": metrics.confusion_matrix(pred, batch["mask"], state.num_classes)}
-    if axis_name is not None:
-        sums = jax.lax.psum(sums, axis_name)
-    return sums
-
-
-# ------------------------------------------------------------------------------------ parallelism
-
-def make_mesh(devices=None) -> Mesh:
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
-
-
-class DataParallel:
-    """The jitted steps over a mesh: batch sharded along "data", everything else replicated."""
-
-    def __init__(self, mesh: Mesh, scales=(1.0,), flip: bool = False, ms_rule: str = "mean-probs"):
-        self.mesh = mesh
-        self.replicated = NamedSharding(mesh, P())
-        self.data = NamedSharding(mesh, P("data"))
-        self.train_step = jax.jit(train_step, in_shardings=(self.replicated, self.data, self.replicated),
-                                  out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-        self.eval_step = jax.jit(functools.partial(eval_step, scales=tuple(scales), flip=flip, ms_rule=ms_rule),
-                                 in_shardings=(self.replicated, self.data), out_shardings=self.replicated)
-        self.compiled: dict = {}  # "train" / "eval" -> {"<kind>_compile_s": seconds, "cache_hit": bool}
-
-    def compile_ahead(self, kind: str, *args) -> dict | None:
-        """Compiles the "train" or "eval" step for `args` before its first call (which then reuses the
-        executable), timing it; only the first time per kind: returns the new entry of `compiled`, else None."""
-        if kind in self.compiled:
-            return None
-        self.compiled[kind] = compile_timed(self.train_step if kind == "train" else self.eval_step, *args, kind=kind)
-        return self.compiled[kind]
-
-    def put_state(self, state: TrainState) -> TrainState:
-        return jax.device_put(state, self.replicated)
-
-    def put_batch(self, batch: dict) -> dict:
-        """This process's slice of the global batch (numpy) -> global arrays sharded over "data"."""
-        return {k: jax.make_array_from_process_local_data(self.data, np.asarray(batch[k])) for k in ("image", "mask")}
-
-    def put_replicated(self, x):
-        return jax.device_put(x, self.replicated)
-
-
-class _CacheHits:
-    """Counts JAX's persistent-cache hits in this process (a jax.monitoring listener, registered once)."""
-    count = 0
-    listening = False
-
-    @classmethod
-    def now(cls) -> int:
-        if not cls.listening:
-            jax.monitoring.register_event_listener(cls._event)
-            cls.listening = True
-        return cls.count
-
-    @classmethod
-    def _event(cls, event: str, **kwargs) -> None:
-        if event == "/jax/compilation_cache/cache_hits":
-            cls.count += 1
-
-
-def compile_timed(jitted, *args, kind: str = "step") -> dict:
-    """Traces, lowers and compiles `jitted` for `args`: {"<kind>_compile_s": wall seconds, "cache_hit":
-    whether JAX's persistent compilation cache supplied the executable}."""
-    hits, t0 = _CacheHits.now(), time.perf_counter()
-    jitted.lower(*args).compile()
-    return {f"{kind}_compile_s": time.perf_counter() - t0, "cache_hit": _CacheHits.now() > hits}
-
-
-def make_loss_fn(kind: str, num_classes: int, aux_weight: float = 0.5, dice_weight: float = 1.0,
-                 class_weights=()) -> LossFn:
-    """The recipe's loss on the model's float32 outputs: "ce", "ce+dice" or "u2net_bce"."""
-    from segjax import losses
-    from segjax.errors import SegjaxError
-
-    weights = jnp.asarray(class_weights, jnp.float32) if len(class_weights) else None
-    if weights is not None and weights.shape != (num_classes,):
-        raise SegjaxError(f"config.class_weights has {weights.shape[0]} entries; the model has {num_classes} classes")
-
-    def ce(outputs, labels):
-        loss = losses.cross_entropy(outputs["out"], labels, ignore_index=255, class_weights=weights)
-        if "aux" in outputs and aux_weight:
-            loss = loss + aux_weight * losses.cross_entropy(outputs["aux"], labels, ignore_index=255,
-                                                            class_weights=weights)
-        return loss
-
-    if kind == "ce":
-        return ce
-    if kind == "ce+dice":
-        return lambda outputs, labels: ce(outputs, labels) + dice_weight * losses.dice_loss(
-            outputs["out"], labels, num_classes, ignore_index=255)
-    if kind == "u2net_bce":
-        return lambda outputs, labels: losses.u2net_bce(outputs, labels.astype(jnp.float32))
-    raise SegjaxError(f"config.loss={kind!r}: use 'ce', 'ce+dice' or 'u2net_bce'")
+# What must match between a checkpoint and the recipe resuming it.
+_ARCH_KEYS = ("model", "model_kwargs", "num_classes", "task", "dataset", "batch_size", "optimizer")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains `config` into `workdir` (resuming from its latest checkpoint); returns the final scores."""
-    from segjax.trainer import run
-    return run(config, workdir)
+    """Trains `config` into `workdir` (resuming from its latest checkpoint); returns the final scores,
+    or {"step", "stopped": True, "signal"} after checkpointing on SIGTERM/SIGINT."""
+    stop = preemption.StopRequest(os.path.abspath(workdir))
+    with stop.installed():
+        run = setup(config, os.path.abspath(workdir))
+        if run.start >= run.total_steps:  # nothing to train; saving this step again would clash with it
+            run.ckpts.close()
+            print(f"{run.workdir} already holds the finished run ({run.start}/{run.total_steps} steps); raise "
+                  f"--config.num_steps to train on, or pick another --workdir")
+            return {"step": run.start, "finished": True}
+        stop.deferred = True  # from here a signal finishes the step and checkpoints
+        step, scores = train_loop(run, stop)
+        return report(run, step, scores, stop)
 
 
-def inference_state(model, variables: dict, task: str = "segmentation", num_classes: int = 21) -> TrainState:
-    """A TrainState that only evaluates (no optimizer): for `segjax eval` / `segjax predict`."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables.get("batch_stats", {}), opt_state=(), rng=jax.random.PRNGKey(0),
-                      apply_fn=model.apply, tx=optax.identity(), loss_fn=None, task=task, num_classes=num_classes)
+# ------------------------------------------------------------------------------------------ set up
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+    config: object
+    workdir: str
+    start: int
+    total_steps: int
+    stop_at: int
+    eval_every: int
+    state: S.TrainState
+    parallel: S.DataParallel
+    train_iter: object
+    eval_loader: Callable
+    ckpts: checkpoint.TrainCheckpoints
+    writer: logs.MetricWriter
+    schedule: Callable
+    meta: dict
+
+
+def setup(config, workdir: str) -> Run:
+    config_lib.check(config, jax.device_count())  # before any data, compile or workdir work
+    primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    root = os.path.expanduser(config.data_dir) if config.data_dir else data.default_data_dir()
+    _prepare_data(config, root, primary)
+    train_source = data.open_source(config.dataset, config.train_split, root)
+    eval_source = data.open_source(config.dataset, config.eval_split, root)
+    _check_num_classes(config, root)
+    steps_per_epoch = max(1, len(train_source) // config.batch_size)
+    total_steps = config.num_steps or config.num_epochs * steps_per_epoch
+    warmup_steps = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
+
+    model = build_model(config)
+    rng = jax.random.PRNGKey(config.seed)
+    variables = initial_variables(config, model, jax.random.fold_in(rng, 1))
+    tx, schedule = build_optimizer(config, total_steps, warmup_steps, set(variables["params"]))
+    loss_fn = losses.make_loss(config.loss, config.num_classes, aux_weight=config.aux_weight,
+                               dice_weight=config.dice_weight, class_weights=tuple(config.class_weights))
+    state = S.create_train_state(rng, model, tx, (config.crop_size, config.crop_size, 3), variables)
+    parallel = S.DataParallel(S.make_mesh(), model.apply, num_classes=config.num_classes, task=config.task,
+                              loss_fn=loss_fn, scales=config.eval_scales, flip=config.eval_flip)
+    train_iter = _train_iterator(config, train_source, parallel, total_steps, steps_per_epoch)
+
+    state = parallel.put_state(state)  # restore into the global layout: no cross-host copies afterwards
+    ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, config.best_metric)
+    start, tree = ckpts.restore_latest(state.checkpoint_tree(), train_iter,
+                                       lambda saved: _check_resumable(saved, config, workdir))
+    if start and start < total_steps:
+        state = parallel.put_state(state.replace_from_checkpoint(tree))
+        print(f"resuming {workdir} from step {start}/{total_steps}")
+    if primary and (start or 0) < total_steps:  # the workdir holds no other run: never overwrite its config
+        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
+            f.write(config_lib.to_json(config))
+        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+    return Run(config, workdir, start or 0, total_steps, min(config.stop_at_step or total_steps, total_steps),
+               config.eval_every_steps or steps_per_epoch, state, parallel, train_iter,
+               functools.partial(_eval_loader, config, eval_source), ckpts,
+               logs.MetricWriter(workdir, enabled=primary), schedule, model_meta(config))
+
+
+def build_model(config, axis_name: str | None = None):
+    return models.create(config.model, config.num_classes, dtype=jnp.dtype(config.dtype), param_dtype=jnp.float32,
+                         axis_name=axis_name, **config.model_kwargs.to_dict())
+
+
+def model_meta(config) -> dict:
+    return {"model": config.model, "model_kwargs": config.model_kwargs.to_dict(), "num_classes": config.num_classes,
+            "task": config.task, "dataset": config.dataset, "mean": list(config.mean), "std": list(config.std),
+            "config": json.loads(config_lib.to_json(config))}
+
+
+def build_optimizer(config, total_steps: int, warmup_steps: int, param_names):
+    if config.schedule == "poly":
+        schedule = schedules.poly(config.learning_rate, total_steps, config.power, warmup_steps, config.warmup_factor)
+    else:
+        schedule = schedules.cosine(config.learning_rate, total_steps, warmup_steps, config.warmup_factor)
+    lr_mult = config.lr_mult.to_dict()
+    # The default recipe boosts "aux_classifier" (torchvision: 10x); models without that head skip it.
+    unknown = sorted(k for k in lr_mult if k not in param_names and k != "aux_classifier")
+    if unknown:
+        raise SegjaxError(f"config.lr_mult names {', '.join(map(repr, unknown))}, which model {config.model} does "
+                          f"not have; its parameter groups are {', '.join(sorted(param_names))}")
+    lr_mult = {k: v for k, v in lr_mult.items() if k in param_names}
+    tx = optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum, nesterov=config.nesterov,
+                              weight_decay=config.weight_decay, lr_mult=lr_mult or None,
+                              grad_clip_norm=config.grad_clip_norm or None)
+    return tx, schedule
+
+
+def initial_variables(config, model, rng):
+    """Random init, then optionally a whole segjax checkpoint or an ImageNet backbone on top."""
+    from segjax import convert
+
+    variables = S.init_variables(model, rng, (config.crop_size, config.crop_size, 3))
+    if config.init_checkpoint:
+        loaded, saved = checkpoint.load_variables(config.init_checkpoint)
+        convert.check_fits(loaded, variables, f"config.init_checkpoint={config.init_checkpoint} (model="
+                           f"{saved.get('model')}, num_classes={saved.get('num_classes')}) for model={config.model}, "
+                           f"num_classes={config.num_classes}")
+        variables = {k: loaded.get(k, {}) for k in variables}
+    if config.backbone_weights:
+        variables = convert.load_backbone(config.model, variables, convert.load_state_dict(config.backbone_weights))
+    return variables
+
+
+def _train_iterator(config, source, parallel: S.DataParallel, total_steps: int, steps_per_epoch: int):
+    """This process's shard of the training stream, already on the devices (DevicePrefetch)."""
+    loader = iter(data.make_train_loader(
+        source, batch_size=config.batch_size // jax.process_count(), crop_size=config.crop_size,
+        base_size=config.base_size, scale_range=tuple(config.scale_range), hflip=config.hflip, vflip=config.vflip,
+        mean=tuple(config.mean), std=tuple(config.std), seed=config.seed, worker_count=config.workers,
+        uint8_images=config.uint8_batches, num_epochs=math.ceil(total_steps / steps_per_epoch) + 1,
+        shard_index=jax.process_index(), shard_count=jax.process_count()))
+    put = parallel.put_batch
+    if config.uint8_batches:  # normalised on the devices: 4x fewer host->device bytes, less host CPU
+        normalize = jax.jit(functools.partial(data.pipeline.normalize_on_device, mean=tuple(config.mean),
+                                              std=tuple(config.std)))
+        put = lambda batch: normalize(parallel.put_batch(batch))  # noqa: E731
+    return data.pipeline.DevicePrefetch(loader, put, DEVICE_PREFETCH)
+
+
+def _eval_loader(config, source):
+    per_process = max(config.eval_batch_size // jax.process_count(), jax.local_device_count())
+    per_process -= per_process % jax.local_device_count()
+    return data.make_eval_loader(source, batch_size=per_process, base_size=config.base_size, mean=tuple(config.mean),
+                                 std=tuple(config.std), shard_index=jax.process_index(),
+                                 shard_count=jax.process_count())
+
+
+def _prepare_data(config, root: str, primary: bool) -> None:
+    """Process 0 builds the data set first; the others then find it built (on a shared file system)
+    or build their own copy (on local disks), never two writers on one directory at once."""
+    def prepare():
+        data.prepare(config.dataset, root, config.manual_dir or None, progress=primary,
+                     manual_dir_flag="--config.manual_dir=DIR", **config.data_options.to_dict())
+
+    if jax.process_count() == 1:
+        prepare()
+        return
+    from jax.experimental import multihost_utils
+
+    if primary:
+        prepare()
+    multihost_utils.sync_global_devices("segjax: data prepared by process 0")
+    if not primary:
+        prepare()
+
+
+def _check_num_classes(config, root) -> None:
+    """Labels >= num_classes would make the loss NaN at step 1; say so before compiling anything."""
+    names = _dataset_class_names(config.dataset, root) if config.task == "segmentation" else []
+    if len(names) > config.num_classes:
+        raise SegjaxError(f"config.num_classes={config.num_classes} but data set '{config.dataset}' has {len(names)} "
+                          f"classes ({', '.join(names[:5])}, ...); use --config.num_classes={len(names)}")
+
+
+def _dataset_class_names(dataset: str, root: str | None = None) -> list[str]:
+    try:
+        return list(data.class_names(dataset, root))
+    except Exception:  # a data set without names
+        return []
+
+
+def _check_resumable(saved: dict, config, workdir: str) -> None:
+    old = saved.get("config", {})
+    new = json.loads(config_lib.to_json(config))
+    changed = [k for k in _ARCH_KEYS if k in old and old[k] != new.get(k)]
+    if changed:
+        k = changed[0]
+        raise SegjaxError(f"{workdir} holds a run with {k}={old[k]!r}, not {new[k]!r}; "
+                          f"use another --workdir or the recipe it was trained with")
+
+
+# ------------------------------------------------------------------------------------------ loop
+
+def train_loop(run: Run, stop: preemption.StopRequest) -> tuple[int, dict | None]:
+    """Steps from run.start to run.stop_at (or a stop signal); returns (last step, last scores)."""
+    from tqdm import tqdm
+
+    config, state, step, scores, last_eval = run.config, run.state, run.start, None, -1
+    bar = tqdm(total=run.total_steps, initial=run.start, desc=f"train {config.name}", unit="step",
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    pending = PendingMetrics(config.nonfinite, run.writer, run.schedule, bar, run.ckpts)
+    try:
+        while step < run.stop_at and not preemption.stop_requested(stop, step, min(config.log_every_steps, 10)):
+            batch = next(run.train_iter)
+            step_rng = jax.random.fold_in(state.rng, step)
+            if step == run.start:  # compiled ahead of the first call, so that its seconds are logged apart
+                run.writer.write(step + 1, "compile", run.parallel.compile_ahead("train", state, batch, step_rng))
+            state, step_metrics = run.parallel.train_step(state, batch, step_rng)
+            step += 1
+            pending.add(step, step_metrics, config.batch_size)
+            bar.update(1)
+            saving = step % run.eval_every == 0 or step == run.total_steps
+            if step % config.log_every_steps == 0 or step == run.stop_at or saving:
+                pending.flush()  # NaN/Inf checked here, always before a checkpoint can record the steps
+            if saving:
+                scores, last_eval = _evaluate(run, state, step), step
+                run.ckpts.save(step, state.checkpoint_tree(), run.train_iter, run.meta, _best(run, scores))
+        pending.flush()
+        if last_eval != step and step > run.start:
+            if step == run.total_steps:
+                scores = _evaluate(run, state, step)
+            run.ckpts.save(step, state.checkpoint_tree(), run.train_iter, run.meta,
+                           _best(run, scores) if step == run.total_steps else None)
+    except BaseException:
+        with contextlib.suppress(Exception):  # keep the original error
+            run.writer.close()
+            run.ckpts.close()
+        raise
+    finally:
+        bar.close()
+    run.ckpts.close()
+    run.writer.close()
+    return step, scores
+
+
+def _evaluate(run: Run, state: S.TrainState, step: int) -> dict:
+    first = "eval" not in run.parallel.compiled
+    scores = evaluate.evaluate_dataset(run.parallel, state.variables, run.eval_loader(), run.config.task)
+    run.writer.write(step, "eval", scores)
+    if first:
+        run.writer.write(step, "compile", run.parallel.compiled["eval"])
+    return scores
+
+
+def _best(run: Run, scores: dict) -> dict:
+    return {run.config.best_metric: float(scores[run.config.best_metric])}
+
+
+class PendingMetrics:
+    """The step metrics not yet fetched from the devices, and the NaN/Inf policy applied when they are.
+
+    `flush` fetches them (one device sync per log interval), raises on a non-finite step under
+    policy "stop" (saying which checkpoints are intact), and logs their mean otherwise.
+    """
+
+    def __init__(self, policy: str, writer: logs.MetricWriter, schedule, bar, ckpts: checkpoint.TrainCheckpoints):
+        self.policy, self.writer, self.schedule, self.bar, self.ckpts = policy, writer, schedule, bar, ckpts
+        self.steps, self.values, self.images, self.t0 = [], [], 0, time.perf_counter()
+
+    def add(self, step: int, values: dict, images: int) -> None:
+        self.steps.append(step)
+        self.values.append(values)
+        self.images += images
+
+    def flush(self) -> None:
+        if not self.steps:
+            return
+        values = jax.device_get(self.values)
+        bad = [s for s, v in zip(self.steps, values) if int(v["nonfinite"])]
+        if bad and self.policy != "skip":
+            last = self.ckpts.latest_step()
+            intact = (f"the checkpoints in {self.ckpts.directory} (latest: step {last}) are intact" if last else
+                      "no checkpoint was saved yet")
+            raise SegjaxError(f"non-finite loss or gradient at step {bad[0]} (update not applied); {intact}; "
+                              "lower the learning rate, or set --config.nonfinite=skip to skip such steps")
+        good = [v for v in values if not int(v["nonfinite"])] or values
+        record = {k: float(np.mean([v[k] for v in good])) for k in ("loss", "grad_norm")}
+        record["lr"] = float(self.schedule(self.steps[-1] - 1))
+        record["images_per_s"] = self.images / max(time.perf_counter() - self.t0, 1e-9)
+        if bad:
+            record["skipped_steps"] = len(bad)
+            record["nonfinite_steps"] = bad
+        self.writer.write(self.steps[-1], "train", record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             img_s=f"{record['images_per_s']:.1f}")
+        self.steps, self.values, self.images, self.t0 = [], [], 0, time.perf_counter()
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def report(run: Run, step: int, scores: dict | None, stop: preemption.StopRequest) -> dict:
+    """Prints how the run ended; returns what `train_and_evaluate` returns."""
+    config, primary = run.config, jax.process_index() == 0
+    skipped = _count_skipped(run.workdir, step) if primary else 0
+    skipped_note = f" (skipped {skipped} non-finite steps)" if skipped else ""
+    if step < run.total_steps:
+        why = (f"{stop.signal} received" if stop.signal else f"{stop.elsewhere} received by another process"
+               if stop.elsewhere else f"stop_at_step={run.stop_at}")
+        saved = f"step {step}/{run.total_steps} is checkpointed in {run.workdir}" if step else "nothing was saved yet"
+        print(f"{why}: {saved}{skipped_note}; run the same command again to resume")
+        return {"step": step, "stopped": True, **({"signal": stop.name} if stop.name else {})}
+    if primary:
+        names = _dataset_class_names(config.dataset)
+        names = names if len(names) == config.num_classes else [str(i) for i in range(config.num_classes)]
+        logs.plot(run.workdir, names)
+        if config.task != "saliency":
+            print(metrics.format_table(scores, names))
+        print(f"{config.name}: step {step}, {config.best_metric} {scores[config.best_metric]:.4f}"
+              + (f", skipped {skipped} non-finite steps" if skipped else "") + f"; workdir {run.workdir}")
+    return {"step": step, **scores}
+
+
+def _count_skipped(workdir: str, step: int) -> int:
+    """Non-finite steps skipped up to `step` over every session of this run (a resume replays some steps)."""
+    return len({s for r in logs.read_metrics(workdir) if r.get("split") == "train"
+                for s in r.get("nonfinite_steps", []) if s <= step})

@@ -162,7 +162,7 @@ def largefov_file(tmp_path_factory):
 
 def test_deeplabv1_port_converts_through_the_cli_and_predicts_its_labels(largefov_file, tmp_path, capsys):
     from segjax import checkpoint, cli, predict
-    from segjax.evaluate import load_for_inference
+    from segjax.inference import load_for_inference
 
     path, sd = largefov_file
     out = tmp_path / "largefov"

@@ -46,8 +46,11 @@ def test_manager_keeps_latest_k_plus_best_and_resolves_workdir_to_best(tmp_path)
     assert checkpoint.resolve(str(tmp_path)) == str(tmp_path / "checkpoints" / "2")
     variables, meta = checkpoint.load_variables(str(tmp_path))
     np.testing.assert_array_equal(np.asarray(variables["params"]["w"]), [2.0, 2.0, 2.0])
+    # ... and so does the Orbax root, the path a user naturally types
+    assert checkpoint.resolve(str(tmp_path / "checkpoints")) == str(tmp_path / "checkpoints" / "2")
+    (tmp_path / "elsewhere").mkdir()
     with pytest.raises(SegjaxError, match="not a segjax checkpoint"):
-        checkpoint.resolve(str(tmp_path / "checkpoints"))
+        checkpoint.resolve(str(tmp_path / "elsewhere"))
 
 
 def test_variables_checkpoint_roundtrip(tmp_path):

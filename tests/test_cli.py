@@ -79,6 +79,38 @@ def test_predict_writes_palette_masks_and_overlays_and_refuses_to_overwrite(trai
     assert "would overwrite the input" in capsys.readouterr().err
 
 
+def test_tiled_predict_and_eval_match_whole_image_inference(trained, tmp_path, capsys):
+    """The tiny model's receptive field is 7 pixels: with tiles of 16 overlapping by 12 (3 pixels of zero
+    weight at each shared edge) every pixel is predicted from a tile that sees all of its field. 36x44 is
+    covered by the tile grid exactly, so no edge tile is padded (padding is reflected, not the model's zeros)."""
+    rc, root, workdir = trained
+    image = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (36, 44, 3), dtype=np.uint8)).save(image)
+    whole, tiled = tmp_path / "whole", tmp_path / "tiled"
+    assert cli.main(["predict", "--checkpoint", str(workdir), str(image), "--out", str(whole), "--save-probs"]) == 0
+    assert cli.main(["predict", "--checkpoint", str(workdir), str(image), "--out", str(tiled), "--save-probs",
+                     "--tile", "16", "16", "--overlap", "0.75", "--tile-batch", "3"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tiled / "big.png")), np.asarray(Image.open(whole / "big.png")))
+    p_whole, p_tiled = (np.load(d / "big_probs.npz") for d in (whole, tiled))
+    assert p_tiled["probs"].dtype == np.float16 and p_tiled["probs"].shape == (36, 44, 5)
+    np.testing.assert_allclose(p_tiled["probs"].astype(np.float32), p_whole["probs"].astype(np.float32), atol=2e-3)
+    assert list(p_tiled["class_names"])[:2] == ["background", "disc"]
+    with Image.open(tiled / "big_entropy.png") as entropy:
+        assert entropy.size == (44, 36)
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", str(workdir), "--data-dir", str(root / "data")]) == 0
+    table = capsys.readouterr().out
+    assert cli.main(["eval", "--workdir", str(workdir), "--data-dir", str(root / "data"), "--tile", "16", "16",
+                     "--overlap", "0.75"]) == 0
+    assert capsys.readouterr().out == table
+    assert cli.main(["predict", "--checkpoint", str(workdir), str(image), "--out", str(tmp_path / "no"),
+                     "--tile", "64", "64"]) == 2
+    assert "larger than the image 36x44" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert cli.main(["predict", "--checkpoint", str(workdir), str(image), "--out", str(tmp_path / "no"),
+                     "--tile", "16", "16", "--overlap", "1"]) == 2
+    assert "overlap" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
 def test_bad_override_is_a_one_line_error_with_status_2(tmp_path):
     env = dict(os.environ, SEGJAX_DATA_DIR=str(tmp_path / "data"))
     for arg, expected in (("--config.batch_sise=8", "unknown key 'batch_sise'"),

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from segjax import losses
+from segjax.errors import SegjaxError
 
 N, H, W, C = 2, 5, 7, 4
 
@@ -60,11 +61,12 @@ def test_cross_entropy_is_nan_for_a_label_out_of_range():
 def test_segmentation_loss_is_out_plus_half_aux():
     logits, labels = sample(1)
     aux, _ = sample(2)
-    got = float(losses.segmentation_loss({"out": logits, "aux": aux}, labels))
+    ce, ce_dice = losses.make_loss("ce", logits.shape[-1]), losses.make_loss("ce+dice", logits.shape[-1])
+    got = float(ce({"out": logits, "aux": aux}, labels))
     ref = torch_ce(logits, labels) + 0.5 * torch_ce(aux, labels)
     assert abs(got - ref) < 4e-6
-    assert float(losses.segmentation_loss({"out": logits}, labels)) == pytest.approx(torch_ce(logits, labels), abs=2e-6)
-    with_dice = float(losses.segmentation_loss({"out": logits}, labels, dice_weight=1.0))
+    assert float(ce({"out": logits}, labels)) == pytest.approx(torch_ce(logits, labels), abs=2e-6)
+    with_dice = float(ce_dice({"out": logits}, labels))
     assert with_dice == pytest.approx(torch_ce(logits, labels) + numpy_dice_loss(logits, labels), abs=4e-6)
 
 
@@ -144,3 +146,25 @@ def test_binary_losses_leave_void_pixels_out():
     y = target[target != 255].astype(np.float64)
     ref_iou = 1 - (x * y).sum() / (x + y - x * y).sum()
     assert abs(float(losses.soft_iou_loss(maps[0], target)) - ref_iou) < 1e-6
+
+
+def seeds_soft_iou(logits, labels, void=255):
+    """The seeds' formula in numpy: L = 1 - I / U, I = sum X*Y, U = sum (X + Y - X*Y), void left out."""
+    x = softmax(np.asarray(logits, np.float64))
+    valid = labels != void
+    y = np.eye(logits.shape[-1])[np.where(valid, labels, 0)]
+    x, y = x[valid], y[valid]
+    return 1 - (x * y).sum() / (x + y - x * y).sum()
+
+
+def test_soft_iou_recipes_are_the_seeds_formula():
+    logits, labels = sample(3)
+    aux, _ = sample(4)
+    labels[0, :2] = 255
+    c = logits.shape[-1]
+    soft = float(losses.make_loss("soft_iou", c)({"out": logits, "aux": aux}, labels))
+    assert soft == pytest.approx(seeds_soft_iou(logits, labels) + 0.5 * seeds_soft_iou(aux, labels), abs=1e-5)
+    mixed = float(losses.make_loss("ce+soft_iou", c)({"out": logits}, labels))
+    assert mixed == pytest.approx(torch_ce(logits, labels) + seeds_soft_iou(logits, labels), abs=1e-5)
+    with pytest.raises(SegjaxError, match="config.loss='iou'"):
+        losses.make_loss("iou", c)

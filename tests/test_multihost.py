@@ -19,7 +19,7 @@ from segjax.errors import SegjaxError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
-                "OMPI_MCA_orte_hnp_uri", "SEGJAX_DISTRIBUTED", *distributed.ENV_VARS.values())
+                "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "SEGJAX_DISTRIBUTED", *distributed.ENV_VARS.values())
 
 
 @pytest.fixture
@@ -55,6 +55,19 @@ def test_plan_single_process_flags_env_and_cluster(clean_env):
     clean_env.setenv("SEGJAX_DISTRIBUTED", "1")
     clean_env.setenv("SLURM_NTASKS", "1")  # a one-task job stays single-process
     assert distributed.plan() is None
+
+
+def test_cluster_environments_without_jax_internals(clean_env):
+    clean_env.setenv("OMPI_MCA_orte_hnp_uri", "123.0;tcp://10.0.0.1:5000")
+    clean_env.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert distributed.detected_cluster() == ("OmpiCluster", 4) and distributed.plan() == {}
+    clean_env.delenv("OMPI_MCA_orte_hnp_uri")
+    clean_env.setenv("TPU_WORKER_HOSTNAMES", "w0,w1,w2")
+    assert distributed.detected_cluster() == ("GkeTpuCluster", 3)
+    clean_env.delenv("TPU_WORKER_HOSTNAMES")
+    assert distributed.detected_cluster() is None and distributed.plan() is None
+    clean_env.setenv("SEGJAX_DISTRIBUTED", "jax")  # a Cloud TPU VM pod: JAX asks the metadata server
+    assert distributed.plan() == {}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -187,7 +200,7 @@ def _records(workdir, split):
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     import jax
-    from segjax import config as config_lib, trainer
+    from segjax import config as config_lib, train
 
     recipe = tmp_path / "tiny_multihost.py"
     recipe.write_text(RECIPE.format(repo=REPO))
@@ -207,7 +220,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     # ... and training moved them far more than that, so the agreement says something: different data
     # or un-averaged gradients on the 2 processes would show up as differences of this order.
     config = config_lib.load_config(str(recipe))
-    init = trainer.initial_variables(config, trainer.build_model(config),
+    init = train.initial_variables(config, train.build_model(config),
                                      jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
     moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                                    one["params"], init["params"])

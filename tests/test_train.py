@@ -9,16 +9,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax import optim, schedules
-from segjax import train as T
+import functools
+
+from segjax import losses, optim, schedules
+from segjax import step as S
 from tests.tiny_model import TinySeg
+
+LOSS = losses.make_loss("ce", 3)
+train_step = functools.partial(S.train_step, loss_fn=LOSS)
+
+
+def eval_step(state, batch, axis_name=None):
+    return S.eval_step(state.apply_fn, state.variables, batch, num_classes=3, axis_name=axis_name)
 
 
 def tiny_state(dtype=jnp.float32, lr=0.05, optimizer="adamw", axis_name=None, size=32, base=8):
     model = TinySeg(3, base, axis_name, dtype)
     tx = optim.make_optimizer(optimizer, schedules.poly(lr, 1000), weight_decay=0.0)
-    loss_fn = T.make_loss_fn("ce", 3)
-    return T.create_train_state(jax.random.PRNGKey(0), model, tx, loss_fn, (size, size, 3), num_classes=3)
+    return S.create_train_state(jax.random.PRNGKey(0), model, tx, (size, size, 3))
 
 
 def one_batch(n=2, size=32, seed=0, void=True):
@@ -40,7 +48,7 @@ def one_batch(n=2, size=32, seed=0, void=True):
 
 @pytest.fixture(scope="module")
 def jitted_step():
-    return jax.jit(T.train_step)
+    return jax.jit(train_step)
 
 
 def test_overfits_one_batch_and_eval_is_perfect(jitted_step):
@@ -52,7 +60,7 @@ def test_overfits_one_batch_and_eval_is_perfect(jitted_step):
     assert losses[-1] < 0.05 and losses[-1] < losses[0] / 20, losses[::20]
     assert int(state.step) == 150
     # eval_step on the same batch (BatchNorm running stats, train=False): the confusion matrix is nearly diagonal
-    cm = np.asarray(jax.jit(T.eval_step)(state, batch)["confusion"])
+    cm = np.asarray(jax.jit(eval_step)(state, batch)["confusion"])
     assert cm.sum() == int((batch["mask"] != 255).sum())  # void pixels are not counted
     assert np.trace(cm) / cm.sum() > 0.97
 
@@ -73,7 +81,7 @@ def test_nonfinite_step_leaves_state_untouched(jitted_step):
 def test_nonfinite_update_from_finite_gradients_is_caught_too():
     """A NaN learning rate leaves loss and gradients finite but the update NaN: the step must not apply it."""
     state, batch = tiny_state(lr=float("nan")), one_batch()
-    new, m = jax.jit(T.train_step)(state, batch, jax.random.PRNGKey(0))
+    new, m = jax.jit(train_step)(state, batch, jax.random.PRNGKey(0))
     assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
     assert int(m["nonfinite"]) == 1
     for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(new.params)):
@@ -83,7 +91,7 @@ def test_nonfinite_update_from_finite_gradients_is_caught_too():
 def test_lr_mult_must_name_parameter_groups_of_the_model():
     from segjax import config as config_lib, convert, models
     from segjax.errors import SegjaxError
-    from segjax.trainer import build_optimizer
+    from segjax.train import build_optimizer
 
     config = config_lib.load_config("deeplabv1_largefov_voc")
     groups = set(convert.model_shapes(models.create(config.model, config.num_classes))["params"])
@@ -96,7 +104,7 @@ def test_lr_mult_must_name_parameter_groups_of_the_model():
 
 def test_bfloat16_compute_keeps_float32_params_and_loss():
     state, batch = tiny_state(dtype=jnp.bfloat16, size=16, base=4), one_batch(size=16)
-    new, m = jax.jit(T.train_step)(state, batch, jax.random.PRNGKey(0))
+    new, m = jax.jit(train_step)(state, batch, jax.random.PRNGKey(0))
     assert m["loss"].dtype == jnp.float32 and np.isfinite(float(m["loss"]))
     kinds = {x.dtype for x in jax.tree_util.tree_leaves((new.params, new.opt_state, new.batch_stats))
              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)}
@@ -110,26 +118,27 @@ EIGHT_DEVICES = textwrap.dedent("""
     import functools, jax, jax.numpy as jnp, numpy as np
     from flax import jax_utils
     assert jax.device_count() == 8, jax.devices()
-    from segjax import train as T
+    from segjax import step as S
     import tests.test_train as tt
 
     batch = tt.one_batch(n=8, size=16, void=False)
     steps = 2
     def run_single():
-        state, step = tt.tiny_state(size=16, base=4, optimizer="sgd", lr=0.1), jax.jit(T.train_step)
+        state, step = tt.tiny_state(size=16, base=4, optimizer="sgd", lr=0.1), jax.jit(tt.train_step)
         for i in range(steps):
             state, m = step(state, batch, jax.random.PRNGKey(i))
-        return state, jax.jit(T.eval_step)(state, batch)["confusion"]
+        return state, jax.jit(tt.eval_step)(state, batch)["confusion"]
     def run_sharded():
-        dp = T.DataParallel(T.make_mesh())
-        state = dp.put_state(tt.tiny_state(size=16, base=4, optimizer="sgd", lr=0.1))
+        state = tt.tiny_state(size=16, base=4, optimizer="sgd", lr=0.1)
+        dp = S.DataParallel(S.make_mesh(), state.apply_fn, num_classes=3, loss_fn=tt.LOSS)
+        state = dp.put_state(state)
         for i in range(steps):
             state, m = dp.train_step(state, dp.put_batch(batch), jax.random.PRNGKey(i))
-        return state, dp.eval_step(state, dp.put_batch(batch))["confusion"]
+        return state, dp.eval_step(state.variables, dp.put_batch(batch))["confusion"]
     def run_pmap():
         state = jax_utils.replicate(tt.tiny_state(size=16, base=4, optimizer="sgd", lr=0.1, axis_name="batch"))
-        step = jax.pmap(functools.partial(T.train_step, axis_name="batch"), axis_name="batch")
-        evals = jax.pmap(functools.partial(T.eval_step, axis_name="batch"), axis_name="batch")
+        step = jax.pmap(functools.partial(tt.train_step, axis_name="batch"), axis_name="batch")
+        evals = jax.pmap(functools.partial(tt.eval_step, axis_name="batch"), axis_name="batch")
         split = jax.tree_util.tree_map(lambda x: x.reshape(8, 1, *x.shape[1:]), batch)
         for i in range(steps):
             state, m = step(state, split, jax.numpy.stack([jax.random.PRNGKey(i)] * 8))

@@ -50,18 +50,18 @@ def _install_hooks() -> None:
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
     from orbax.checkpoint._src.path import atomicity
-    from segjax import checkpoint, data, train, trainer
+    from segjax import checkpoint, data, evaluate, step, train
 
     inf_steps = [int(s) for s in os.environ.get("SEGJAX_TEST_INF_STEPS", "").split(",") if s]
     if inf_steps:
-        clean_step = train.train_step
+        clean_step = step.train_step
 
-        def poisoned_step(state, batch, rng, axis_name=None):
+        def poisoned_step(state, batch, rng, **kw):
             bad = jnp.isin(state.step + 1, jnp.asarray(inf_steps))
-            return clean_step(state, dict(batch, image=jnp.where(bad, jnp.inf, batch["image"])), rng, axis_name)
-        train.train_step = poisoned_step  # DataParallel jits the module's train_step when it is built
+            return clean_step(state, dict(batch, image=jnp.where(bad, jnp.inf, batch["image"])), rng, **kw)
+        step.train_step = poisoned_step  # DataParallel jits the module's train_step when it is built
 
-    init = train.DataParallel.__init__
+    init = step.DataParallel.__init__
 
     def parallel_init(self, *a, **k):
         init(self, *a, **k)
@@ -80,7 +80,7 @@ def _install_hooks() -> None:
             return step_fn.lower(*args)
         first_call_pauses.lower = lower
         self.train_step = first_call_pauses
-    train.DataParallel.__init__ = parallel_init
+    step.DataParallel.__init__ = parallel_init
 
     make_loader = data.make_train_loader
 
@@ -100,12 +100,12 @@ def _install_hooks() -> None:
 
     data.make_train_loader = lambda *a, **k: PausingIterator(iter(make_loader(*a, **k)))
 
-    evaluate = trainer.evaluate_dataset
+    evaluate_dataset = evaluate.evaluate_dataset
 
     def pausing_evaluate(*a, **k):
         _pause("eval")
-        return evaluate(*a, **k)
-    trainer.evaluate_dataset = pausing_evaluate
+        return evaluate_dataset(*a, **k)
+    evaluate.evaluate_dataset = pausing_evaluate
 
     def wrap(owner, name, point):
         original = getattr(owner, name)
@@ -123,7 +123,7 @@ def _install_hooks() -> None:
             return await original(*a, **k)
         setattr(owner, name, paused)
 
-    wrap(trainer, "build_model", "setup")
+    wrap(train, "build_model", "setup")
     wrap(checkpoint.TrainCheckpoints, "save", "checkpoint")
     wrap(checkpoint.IteratorState, "get_state", "ckpt_data")
     wrap_async(ocp.StandardCheckpointHandler, "async_save", "ckpt_arrays")
