@@ -8,6 +8,7 @@ examples:
   segjax inspect deeplabv3_resnet50 --size 513 513     parameters, FLOPs, output stride
   segjax convert deeplabv3_resnet50 deeplabv3_resnet50_coco.pth converted/
   segjax data prepare voc2012 --manual-dir ~/Downloads
+  segjax data check my_dataset/ --num-classes 3         counts, labels, class weights, bad masks
 
 Bad input prints one line, `error: ...`, and exits with status 2. `segjax train` stopped by
 SIGTERM/SIGINT checkpoints, exits with 128 + the signal number, and the same command resumes.
@@ -239,7 +240,7 @@ def _run_convert(args):
 # ------------------------------------------------------------------------------------------ data
 
 def _add_data(sub):
-    p = sub.add_parser("data", help="prepare data sets (tfds, array_record) under --data-dir")
+    p = sub.add_parser("data", help="prepare data sets (tfds, array_record) under --data-dir, or check one")
     verbs = p.add_subparsers(dest="data_verb", required=True)
     q = verbs.add_parser("prepare", help="build a data set once (idempotent); prints its split sizes")
     q.add_argument("name", help="voc2012 | voc2012_aug | drive | duts | folder | synthetic")
@@ -252,6 +253,14 @@ def _add_data(sub):
     q.add_argument("--num-val", type=int, default=None, help="synthetic: validation images")
     q.add_argument("--seed", type=int, default=None, help="synthetic: generator seed")
     q.set_defaults(run=_run_data_prepare)
+    c = verbs.add_parser("check", help="one table of a data set: counts, sizes, labels, class frequencies, "
+                         "suggested class weights; exits 1 naming the files training would choke on")
+    c.add_argument("name", metavar="NAME|DIR", help="a prepared data set (voc2012, folder:NAME, ...) or a folder "
+                   "(a manifest, or DIR/{train,val}/images + masks)")
+    c.add_argument("--num-classes", type=int, default=None, help="what the model will predict "
+                   "(default: the data set's classes)")
+    c.add_argument("--data-dir", default=None, help="default: $SEGJAX_DATA_DIR or ~/.cache/segjax/data")
+    c.set_defaults(run=_run_data_check)
 
 
 def _run_data_prepare(args):
@@ -262,6 +271,19 @@ def _run_data_prepare(args):
         raise SegjaxError(f"--{sorted(opts)[0].replace('_', '-')} only applies to 'synthetic'")
     sizes = data.prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir, manifest=args.manifest, **opts)
     print(f"{args.name}: " + ", ".join(f"{split} {n:,}" for split, n in sizes.items()))
+
+
+def _run_data_check(args):
+    from segjax import data
+
+    report = data.check(args.name, data_dir=args.data_dir, num_classes=args.num_classes)
+    print(report.table)
+    if report.ok:
+        return 0
+    print(f"{len(report.problems)} problem(s): training would fail or learn wrong labels", file=sys.stderr)
+    for line in report.problems:
+        print(f"  {line}", file=sys.stderr)
+    return 1
 
 
 # ------------------------------------------------------------------------------------------ main

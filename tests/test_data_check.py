@@ -154,3 +154,17 @@ def test_median_frequency_weights():
     s.add(np.array([[0, 0, 2, 2]], np.uint8))
     # freq: 0 -> 5/8, 1 -> 1/4, 2 -> 2/4; median 1/2
     assert median_frequency_weights(s, 4) == (0.8, 2.0, 1.0, 1.0)
+
+
+def test_cli_data_check_exit_status(clean, tmp_path, capsys):
+    from segjax import cli
+
+    assert cli.main(["data", "check", str(clean), "--num-classes", "5"]) == 0
+    assert "median-frequency balancing" in capsys.readouterr().out
+    assert cli.main(["data", "check", str(broken_copy(clean, tmp_path)), "--num-classes", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "5 problem(s)" in err and "nine.png" in err and "rgb.png" in err
+    (tmp_path / "empty" / "train" / "images").mkdir(parents=True)
+    assert cli.main(["data", "check", str(tmp_path / "empty")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "empty folder" in lines[0]
