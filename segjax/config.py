@@ -175,7 +175,7 @@ def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         if config[key] <= 0:
             raise bad(key, f"must be positive; pass --config.{key}=N with N >= 1")
     for key in ("num_steps", "num_epochs", "eval_every_steps", "stop_at_step", "warmup_epochs", "weight_decay",
-                "grad_clip_norm", "momentum", "aux_weight", "dice_weight"):
+                "sample_images", "grad_clip_norm", "momentum", "aux_weight", "dice_weight"):
         if config[key] < 0:
             raise bad(key, f"must be >= 0; pass --config.{key} a non-negative value")
     if not config.learning_rate > 0:
@@ -281,6 +281,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_checkpoint = ""             # a segjax checkpoint (e.g. `segjax convert` output)
     c.backbone_weights = ""            # an ImageNet .pth/.safetensors for the backbone only
 
+    c.sample_images = 4                # validation samples pictured at each eval: <workdir>/samples/step_N.png
     c.eval_scales = (1.0,)             # DeepLab v3 multi-scale: (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     c.eval_flip = False
     return c

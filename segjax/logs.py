@@ -52,6 +52,11 @@ class MetricWriter:
             if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 self._tb.add_scalar(f"{split}/{k}", v, int(step))
 
+    def image(self, step: int, tag: str, picture) -> None:
+        """An (H, W, 3) uint8 picture to TensorBoard."""
+        if self.enabled:
+            self._tb.add_image(tag, np.asarray(picture), int(step), dataformats="HWC")
+
     def close(self) -> None:
         tb, self._tb = self._tb, None
         if tb is not None:

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax import checkpoint, data, evaluate, logs, losses, metrics, models, optim, preemption, schedules, step as S
+from segjax import checkpoint, data, evaluate, inference, logs, losses, metrics, models, optim, preemption, samples
+from segjax import schedules, step as S
 from segjax import config as config_lib
 from segjax.errors import SegjaxError
 
@@ -71,6 +72,7 @@ class Run:
     writer: logs.MetricWriter
     schedule: Callable
     meta: dict
+    sample_grid: Callable | None  # variables -> the picture of the fixed validation samples
 
 
 def setup(config, workdir: str) -> Run:
@@ -111,7 +113,8 @@ def setup(config, workdir: str) -> Run:
     return Run(config, workdir, start or 0, total_steps, min(config.stop_at_step or total_steps, total_steps),
                config.eval_every_steps or steps_per_epoch, state, parallel, train_iter,
                functools.partial(_eval_loader, config, eval_source), ckpts,
-               logs.MetricWriter(workdir, enabled=primary), schedule, model_meta(config))
+               logs.MetricWriter(workdir, enabled=primary), schedule, model_meta(config),
+               _sample_grid(config, eval_source, parallel, model.apply))
 
 
 def build_model(config, axis_name: str | None = None):
@@ -181,6 +184,21 @@ def _eval_loader(config, source):
     return data.make_eval_loader(source, batch_size=per_process, base_size=config.base_size, mean=tuple(config.mean),
                                  std=tuple(config.std), shard_index=jax.process_index(),
                                  shard_count=jax.process_count())
+
+
+def _sample_grid(config, source, parallel: S.DataParallel, apply_fn) -> Callable | None:
+    """variables -> image | truth | prediction grid of the first `config.sample_images` validation
+    examples (the same ones at every evaluation), or None when sample_images is 0."""
+    if not config.sample_images:
+        return None
+    batch = next(iter(data.make_eval_loader(source, batch_size=config.sample_images, base_size=config.base_size,
+                                            mean=tuple(config.mean), std=tuple(config.std))))
+    pixels = (batch["image"] * np.asarray(config.std) + np.asarray(config.mean)) * 255
+    images = jax.device_put(batch["image"], parallel.replicated)  # the same on every process
+    probs_of = jax.jit(lambda variables, x: inference.predict_probs(apply_fn, variables, x, task=config.task),
+                       out_shardings=parallel.replicated)
+    return lambda variables: samples.grid(pixels, batch["mask"], np.asarray(probs_of(variables, images)),
+                                          config.task, batch["valid_hw"])
 
 
 def _prepare_data(config, root: str, primary: bool) -> None:
@@ -277,6 +295,11 @@ def _evaluate(run: Run, state: S.TrainState, step: int) -> dict:
     run.writer.write(step, "eval", scores)
     if first:
         run.writer.write(step, "compile", run.parallel.compiled["eval"])
+    if run.sample_grid is not None:
+        picture = run.sample_grid(state.variables)
+        if jax.process_index() == 0:
+            samples.save(run.workdir, step, picture)
+            run.writer.image(step, "samples", picture)
     return scores
 
 

@@ -44,6 +44,36 @@ def test_train_writes_metrics_events_plots_and_checkpoints(trained, capsys):
     assert sorted(os.listdir(workdir / "checkpoints")) == sorted({"4", str(best)})  # latest 1 + best
 
 
+def test_each_eval_writes_a_grid_of_the_same_validation_samples(trained):
+    rc, root, workdir = trained
+    assert sorted(os.listdir(workdir / "samples")) == ["step_2.png", "step_4.png"]
+    first, last = (np.asarray(Image.open(workdir / "samples" / f"step_{s}.png")) for s in (2, 4))
+    gap = 2  # 4 rows of 24x24 validation images (image | truth | prediction), 2 white pixels apart
+    assert first.shape == last.shape == (4 * 24 + 3 * gap, 3 * 24 + 2 * gap, 3)
+    np.testing.assert_array_equal(first[:, :48 + gap], last[:, :48 + gap])  # same images and truth
+    truth = first[:24, 24 + gap:48 + gap].reshape(-1, 3)
+    from segjax.samples import _palette
+    assert {tuple(c) for c in truth} <= {tuple(c) for c in _palette()[[0, 1, 2, 3, 4, 255]]}
+    assert [step for step, tag in tensorboard_images(workdir / "tensorboard")] == [2, 4]
+
+
+def tensorboard_images(folder):
+    """(step, tag) of every image summary in the event files (TFRecord framing, tensorboardX's protos)."""
+    import struct
+    from tensorboardX.proto import event_pb2
+
+    found = []
+    for name in sorted(os.listdir(folder)):
+        raw = open(os.path.join(folder, name), "rb").read()
+        at = 0
+        while at < len(raw):
+            (length,) = struct.unpack("<Q", raw[at:at + 8])
+            event = event_pb2.Event.FromString(raw[at + 12:at + 12 + length])
+            at += 16 + length
+            found += [(event.step, v.tag) for v in event.summary.value if v.HasField("image")]
+    return found
+
+
 def test_eval_prints_the_table_of_the_best_checkpoint(trained, capsys):
     rc, root, workdir = trained
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
