@@ -184,9 +184,12 @@ def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         raise bad("warmup_factor", "must be in (0, 1], e.g. --config.warmup_factor=0.001")
     if config.nesterov and not config.momentum:
         raise bad("nesterov", "needs momentum > 0; set --config.momentum=0.9 or --config.nesterov=false")
+    if config.in_channels < 1:
+        raise bad("in_channels", "must be >= 1 (3 for RGB; 1 grayscale, 4 RGB-D or RGB-NIR, ...)")
     for key in ("mean", "std"):
-        if len(config[key]) != 3 or (key == "std" and min(config[key]) <= 0):
-            raise bad(key, "must be 3 values (R, G, B), std > 0, e.g. --config.std=0.229,0.224,0.225")
+        if len(config[key]) != config.in_channels or (key == "std" and min(config[key]) <= 0):
+            raise bad(key, f"needs one value per input channel ({config.in_channels}), std > 0, "
+                           f"e.g. --config.{key}=" + ",".join(["0.5"] * config.in_channels))
     if config.class_weights and len(config.class_weights) != config.num_classes:
         raise bad("class_weights", f"needs one weight per class ({config.num_classes}), or () for none")
     if not config.eval_scales or min(config.eval_scales) <= 0:
@@ -243,7 +246,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.scale_range = (0.5, 2.0)
     c.hflip = True
     c.vflip = False
-    c.mean = (0.485, 0.456, 0.406)
+    c.in_channels = 3                  # != 3: images read as multi-band (16-bit) TIFF through tifffile
+    c.mean = (0.485, 0.456, 0.406)     # per input channel, of the 0-1 range
     c.std = (0.229, 0.224, 0.225)
     c.workers = 0                      # grain worker processes (0 = in the main process)
     c.uint8_batches = False            # ship train images as uint8, normalise on the devices (less host CPU)

@@ -94,7 +94,7 @@ def setup(config, workdir: str) -> Run:
     tx, schedule = build_optimizer(config, total_steps, warmup_steps, set(variables["params"]))
     loss_fn = losses.make_loss(config.loss, config.num_classes, aux_weight=config.aux_weight,
                                dice_weight=config.dice_weight, class_weights=tuple(config.class_weights))
-    state = S.create_train_state(rng, model, tx, (config.crop_size, config.crop_size, 3), variables)
+    state = S.create_train_state(rng, model, tx, (config.crop_size, config.crop_size, config.in_channels), variables)
     parallel = S.DataParallel(S.make_mesh(), model.apply, num_classes=config.num_classes, task=config.task,
                               loss_fn=loss_fn, scales=config.eval_scales, flip=config.eval_flip)
     train_iter = _train_iterator(config, train_source, parallel, total_steps, steps_per_epoch)
@@ -125,6 +125,7 @@ def build_model(config, axis_name: str | None = None):
 def model_meta(config) -> dict:
     return {"model": config.model, "model_kwargs": config.model_kwargs.to_dict(), "num_classes": config.num_classes,
             "task": config.task, "dataset": config.dataset, "mean": list(config.mean), "std": list(config.std),
+            "in_channels": config.in_channels,
             "config": json.loads(config_lib.to_json(config))}
 
 
@@ -150,7 +151,7 @@ def initial_variables(config, model, rng):
     """Random init, then optionally a whole segjax checkpoint or an ImageNet backbone on top."""
     from segjax import convert
 
-    variables = S.init_variables(model, rng, (config.crop_size, config.crop_size, 3))
+    variables = S.init_variables(model, rng, (config.crop_size, config.crop_size, config.in_channels))
     if config.init_checkpoint:
         loaded, saved = checkpoint.load_variables(config.init_checkpoint)
         convert.check_fits(loaded, variables, f"config.init_checkpoint={config.init_checkpoint} (model="
