@@ -662,27 +662,6 @@ def conv_transpose_output_size(size: int, kernel: int, stride: int, padding: int
     return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
 
 
-def max_unpool2d(x: Array, indices: Array, output_size: Sequence[int]) -> Array:
-    """SegNet-style unpooling: scatter each value to its flat spatial index (per sample, per channel)."""
-    n, h, w, c = x.shape
-    oh, ow = output_size
-    flat = jnp.zeros((n, oh * ow, c), x.dtype)
-    idx = indices.reshape(n, h * w, c)
-    flat = jax.vmap(lambda f, i, v: f.at[i, jnp.arange(c)[None, :]].set(v))(flat, idx, x.reshape(n, h * w, c))
-    return flat.reshape(n, oh, ow, c)
-
-
-def bed_of_nails_upsample(x: Array, factor: int = 2) -> Array:
-    """Places each value at the top-left of a factor x factor block of zeros."""
-    n, h, w, c = x.shape
-    out = jnp.zeros((n, h, factor, w, factor, c), x.dtype).at[:, :, 0, :, 0, :].set(x)
-    return out.reshape(n, h * factor, w * factor, c)
-
-
-def nearest_upsample(x: Array, factor: int = 2) -> Array:
-    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
-
-
 def dtype_partials(dtype: Dtype, param_dtype: Dtype, axis_name: str | None, bn_momentum: float = 0.9,
                    bn_epsilon: float = 1e-5):
     """The (conv, norm, conv_bn) factories a model builds its layers from, as in flax's imagenet example."""

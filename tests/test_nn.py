@@ -158,22 +158,3 @@ def test_bilinear_kernel_is_channel_diagonal_and_interpolates():
     assert k.shape == (4, 4, 2, 2)
     assert np.all(k[:, :, 0, 1] == 0) and np.all(k[:, :, 1, 0] == 0)
     np.testing.assert_allclose(k[:, :, 0, 0], np.outer([0.25, 0.75, 0.75, 0.25], [0.25, 0.75, 0.75, 0.25]))
-
-
-def test_upsamplers_shapes_and_values():
-    x = jnp.arange(8.0).reshape(1, 2, 2, 2)
-    nails = snn.bed_of_nails_upsample(x, 2)
-    assert nails.shape == (1, 4, 4, 2)
-    np.testing.assert_array_equal(np.asarray(nails[0, ::2, ::2]), np.asarray(x[0]))
-    assert float(nails[0, 1::2].sum()) == 0 and float(nails[0, :, 1::2].sum()) == 0
-    np.testing.assert_array_equal(np.asarray(snn.nearest_upsample(x, 3)),
-                                  to_nhwc(F.interpolate(to_nchw(np.asarray(x)), scale_factor=3, mode="nearest")))
-
-
-def test_max_unpool_inverts_max_pool_like_torch():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 6, 8, 3)).astype(np.float32)
-    pooled, idx = F.max_pool2d(to_nchw(x), 2, 2, return_indices=True)
-    expected = to_nhwc(F.max_unpool2d(pooled, idx, 2, 2, output_size=(6, 8)))
-    ours = snn.max_unpool2d(jnp.asarray(to_nhwc(pooled)), jnp.asarray(idx.permute(0, 2, 3, 1).numpy()), (6, 8))
-    np.testing.assert_array_equal(np.asarray(ours), expected)
