@@ -2,6 +2,8 @@
 
 Conventions every model in `segjax.models` follows:
 - NHWC tensors, `train: bool` passed explicitly, `dtype` = compute dtype, `param_dtype` = storage.
+- A network's builder binds the dtypes, the BatchNorm axis name and constants once
+  (`dtype_partials`) and hands the resulting conv / norm / conv-BN ModuleDefs down as fields.
 - Padding is explicit and symmetric, as in PyTorch (Flax's "SAME" is asymmetric at stride 2).
 - Submodules are named after the PyTorch reference's module path ("conv1", "layer1", "0", ...),
   so `segjax.convert` maps a state_dict onto our variables with one generic rule.
@@ -12,7 +14,7 @@ import contextlib
 import functools
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ from flax.linen.dtypes import promote_dtype
 
 Dtype = Any
 Array = jax.Array
+ModuleDef = Any  # a Module class, or a functools.partial of one (or of `conv2d`)
 
 
 def pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -457,7 +460,11 @@ class BatchNorm(nn.Module):
 
 
 class ConvBN(nn.Module):
-    """Conv -> BatchNorm -> activation, named "0"/"1" like torchvision's Conv2dNormActivation."""
+    """Conv -> norm -> activation, named "0"/"1" like torchvision's Conv2dNormActivation.
+
+    `conv` and `norm` are the network's ModuleDefs (see `dtype_partials`), which carry the dtypes,
+    the BatchNorm momentum / epsilon and the axis name.
+    """
     features: int
     kernel_size: int | Sequence[int] = 3
     stride: int = 1
@@ -466,18 +473,31 @@ class ConvBN(nn.Module):
     padding: int | None = None
     act: Callable[[Array], Array] | None = nn.relu
     use_bias: bool = False
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = conv2d
+    norm: ModuleDef = BatchNorm
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        x = conv2d(self.features, self.kernel_size, self.stride, self.padding, self.dilation, self.groups,
-                   self.use_bias, self.dtype, self.param_dtype, name="0")(x)
-        x = BatchNorm(self.bn_momentum, self.bn_epsilon, self.axis_name, self.dtype, self.param_dtype, name="1")(x, train)
+        x = self.conv(self.features, self.kernel_size, stride=self.stride, padding=self.padding,
+                      dilation=self.dilation, groups=self.groups, use_bias=self.use_bias, name="0")(x)
+        x = self.norm(name="1")(x, train)
         return self.act(x) if self.act is not None else x
+
+
+class Layers(NamedTuple):
+    """A network's layer factories (ModuleDefs), built once by its builder and handed to its blocks."""
+    conv: ModuleDef
+    norm: ModuleDef
+    conv_bn: ModuleDef
+
+
+def dtype_partials(dtype: Dtype = None, param_dtype: Dtype = jnp.float32, axis_name: str | None = None,
+                   bn_momentum: float = 0.9, bn_epsilon: float = 1e-5) -> Layers:
+    """(conv, norm, conv_bn) with the dtypes, axis name and BatchNorm constants bound, as in flax's imagenet example."""
+    conv = functools.partial(conv2d, dtype=dtype, param_dtype=param_dtype)
+    norm = functools.partial(BatchNorm, momentum=bn_momentum, epsilon=bn_epsilon, axis_name=axis_name,
+                             dtype=dtype, param_dtype=param_dtype)
+    return Layers(conv, norm, functools.partial(ConvBN, conv=conv, norm=norm))
 
 
 # ----------------------------------------------------------------------------------------- resize
@@ -660,14 +680,3 @@ class ConvTranspose(nn.Module):
 def conv_transpose_output_size(size: int, kernel: int, stride: int, padding: int = 0,
                                output_padding: int = 0, dilation: int = 1) -> int:
     return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
-
-
-def dtype_partials(dtype: Dtype, param_dtype: Dtype, axis_name: str | None, bn_momentum: float = 0.9,
-                   bn_epsilon: float = 1e-5):
-    """The (conv, norm, conv_bn) factories a model builds its layers from, as in flax's imagenet example."""
-    conv = functools.partial(conv2d, dtype=dtype, param_dtype=param_dtype)
-    norm = functools.partial(BatchNorm, momentum=bn_momentum, epsilon=bn_epsilon, axis_name=axis_name,
-                             dtype=dtype, param_dtype=param_dtype)
-    conv_bn = functools.partial(ConvBN, bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, axis_name=axis_name,
-                                dtype=dtype, param_dtype=param_dtype)
-    return conv, norm, conv_bn

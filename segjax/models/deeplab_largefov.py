@@ -19,7 +19,6 @@ No CRF: this is the network's unary term.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,15 +26,13 @@ from flax import linen as nn
 
 from segjax.models.registry import register
 from segjax.models.vgg import STAGES, Pool, VGGFeatures
-from segjax.nn import conv2d, resize
+from segjax.nn import ModuleDef, conv2d, dtype_partials, resize
 
-Dtype = Any
 
 def largefov_pools(ceil_mode: bool = True) -> tuple[Pool, ...]:
     return (Pool(3, 2, 1, ceil_mode),) * 3 + (Pool(3, 1, 1, ceil_mode),) * 2
 
 
-LARGEFOV_POOLS = largefov_pools()
 LARGEFOV_DILATIONS = (1, 1, 1, 1, 2)
 FC6_RATE, FC_WIDTH = 12, 1024
 
@@ -43,19 +40,17 @@ FC6_RATE, FC_WIDTH = 12, 1024
 class DeepLabLargeFOV(nn.Module):
     num_classes: int
     dropout_rate: float = 0.5
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
     align_corners: bool = False
     ceil_mode: bool = True
+    conv: ModuleDef = conv2d
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, upsample: bool = True) -> dict[str, jax.Array]:
         """upsample=False returns the stride-8 logits (the multi-scale max-logits rule)."""
         size = x.shape[1:3]
         feats = VGGFeatures(STAGES["vgg16"], caffe_names=True, pools=largefov_pools(self.ceil_mode),
-                            dilations=LARGEFOV_DILATIONS, dtype=self.dtype, param_dtype=self.param_dtype,
-                            name="backbone")(x, train)
-        conv = functools.partial(conv2d, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+                            dilations=LARGEFOV_DILATIONS, conv=self.conv, name="backbone")(x, train)
+        conv = functools.partial(self.conv, use_bias=True)
         y = nn.avg_pool(feats["pool5"], (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True)
         y = nn.relu(conv(FC_WIDTH, 3, dilation=FC6_RATE, name="fc6")(y))
         y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
@@ -67,9 +62,10 @@ class DeepLabLargeFOV(nn.Module):
 
 
 @register("deeplabv1_largefov_vgg16")
-def deeplabv1_largefov_vgg16(num_classes: int = 21, dropout_rate: float = 0.5, dtype: Dtype = None,
-                             param_dtype: Dtype = jnp.float32, axis_name: str | None = None,
-                             align_corners: bool = False, ceil_mode: bool = True) -> DeepLabLargeFOV:
-    """align_corners: of the final resize; ceil_mode: of the five max-pools (see the module docstring)."""
-    del axis_name  # no BatchNorm in this net; accepted so every model takes the same kwargs
-    return DeepLabLargeFOV(num_classes, dropout_rate, dtype, param_dtype, bool(align_corners), bool(ceil_mode))
+def deeplabv1_largefov_vgg16(num_classes: int = 21, dropout_rate: float = 0.5, align_corners: bool = False,
+                             ceil_mode: bool = True, dtype=None, param_dtype=jnp.float32,
+                             axis_name=None) -> DeepLabLargeFOV:
+    """align_corners: of the final resize; ceil_mode: of the five max-pools (see the module docstring).
+    No BatchNorm, so axis_name changes nothing (every model takes it)."""
+    layers = dtype_partials(dtype, param_dtype, axis_name)
+    return DeepLabLargeFOV(num_classes, dropout_rate, bool(align_corners), bool(ceil_mode), conv=layers.conv)

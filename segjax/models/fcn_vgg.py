@@ -19,7 +19,6 @@ fill them from a torchvision vgg16 state_dict.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +26,7 @@ from flax import linen as nn
 
 from segjax.models.registry import register
 from segjax.models.vgg import STAGES, Pool, vgg_conv_body
-from segjax.nn import ConvTranspose, bilinear_kernel_init, conv2d
-
-Dtype = Any
+from segjax.nn import ConvTranspose, ModuleDef, bilinear_kernel_init, conv2d, dtype_partials
 
 CAFFE_POOLS = (Pool(2, 2, 0, ceil_mode=True),) * 5
 FIRST_CONV_PADDING = 100
@@ -49,17 +46,15 @@ def crop(x: jax.Array, offset: int, size: tuple[int, int]) -> jax.Array:
 class FCNBackbone(nn.Module):
     """VGG16 with caffe pools and padding 100, plus fc6/fc7 as convolutions: returns pool3, pool4, fc7."""
     dropout_rate: float = 0.5
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = conv2d
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         feats = vgg_conv_body(x, train, stages=STAGES["vgg16"], caffe_names=True, first_padding=FIRST_CONV_PADDING,
-                              pools=CAFFE_POOLS, dtype=self.dtype, param_dtype=self.param_dtype)
-        conv = functools.partial(conv2d, padding=0, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+                              pools=CAFFE_POOLS, conv=self.conv)
         y = feats["pool5"]
         for name, kernel in (("fc6", 7), ("fc7", 1)):
-            y = nn.relu(conv(4096, kernel, name=name)(y))
+            y = nn.relu(self.conv(4096, kernel, padding=0, use_bias=True, name=name)(y))
             y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
         return {"pool3": feats["pool3"], "pool4": feats["pool4"], "fc7": y}
 
@@ -69,20 +64,18 @@ class FCNVGG16(nn.Module):
     num_classes: int
     stride: int = 8
     dropout_rate: float = 0.5
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = conv2d
+    conv_transpose: ModuleDef = ConvTranspose
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         if self.stride not in FINAL_OFFSET:
             raise ValueError(f"FCNVGG16: stride must be 32, 16 or 8, got {self.stride}")
         size = x.shape[1:3]
-        feats = FCNBackbone(self.dropout_rate, self.dtype, self.param_dtype, name="backbone")(x, train)
+        feats = FCNBackbone(self.dropout_rate, self.conv, name="backbone")(x, train)
         c = self.num_classes
-        score = functools.partial(conv2d, c, 1, padding=0, use_bias=True, kernel_init=nn.initializers.zeros,
-                                  dtype=self.dtype, param_dtype=self.param_dtype)
-        upscore = functools.partial(ConvTranspose, c, use_bias=False, kernel_init=bilinear_kernel_init,
-                                    dtype=self.dtype, param_dtype=self.param_dtype)
+        score = functools.partial(self.conv, c, 1, padding=0, use_bias=True, kernel_init=nn.initializers.zeros)
+        upscore = functools.partial(self.conv_transpose, c, use_bias=False, kernel_init=bilinear_kernel_init)
 
         y = score(name="score_fr")(feats["fc7"])
         if self.stride == 32:
@@ -99,14 +92,13 @@ class FCNVGG16(nn.Module):
         return {"out": crop(y, FINAL_OFFSET[self.stride], size)}
 
 
-def _builder(stride: int):
-    def build(num_classes: int = 21, dropout_rate: float = 0.5, dtype: Dtype = None,
-              param_dtype: Dtype = jnp.float32, axis_name: str | None = None) -> FCNVGG16:
-        del axis_name  # no BatchNorm in these nets; accepted so every model takes the same kwargs
-        return FCNVGG16(num_classes, stride, dropout_rate, dtype, param_dtype)
-    build.__name__ = f"fcn{stride}s_vgg16"
-    return build
+def fcn_vgg16(stride: int, num_classes: int = 21, dropout_rate: float = 0.5, dtype=None, param_dtype=jnp.float32,
+              axis_name=None) -> FCNVGG16:
+    """FCN-`stride`s; no BatchNorm, so axis_name changes nothing (every model takes it)."""
+    layers = dtype_partials(dtype, param_dtype, axis_name)
+    return FCNVGG16(num_classes, stride, dropout_rate, conv=layers.conv,
+                    conv_transpose=functools.partial(ConvTranspose, dtype=dtype, param_dtype=param_dtype))
 
 
 for _stride in (32, 16, 8):
-    register(f"fcn{_stride}s_vgg16")(_builder(_stride))
+    register(f"fcn{_stride}s_vgg16")(functools.partial(fcn_vgg16, _stride))

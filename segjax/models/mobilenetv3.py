@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +21,18 @@ from flax import linen as nn
 
 from segjax.errors import SegjaxError
 from segjax.models.registry import register
-from segjax.nn import ConvBN, conv2d
+from segjax.nn import Layers, ModuleDef, dtype_partials
 
-Dtype = Any
 BN_MOMENTUM = 0.99  # PyTorch momentum 0.01
 BN_EPSILON = 1e-3
+
+
+def backbone_layers(dtype=None, param_dtype=jnp.float32, axis_name=None) -> Layers:
+    """The network's layers (its BatchNorm constants; segmentation heads on it keep PyTorch's defaults)."""
+    return dtype_partials(dtype, param_dtype, axis_name, BN_MOMENTUM, BN_EPSILON)
+
+
+_LAYERS = backbone_layers()
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -96,12 +102,11 @@ def stage_indices(blocks: list[Bottleneck]) -> list[int]:
 class SqueezeExcitation(nn.Module):
     """x * hardsigmoid(fc2(relu(fc1(mean_hw(x))))), fc1/fc2 being 1x1 convs with bias."""
     squeeze_channels: int
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = _LAYERS.conv
 
     @nn.compact
     def __call__(self, x):
-        conv = functools.partial(conv2d, kernel_size=1, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = functools.partial(self.conv, kernel_size=1, use_bias=True)
         s = x.mean(axis=(1, 2), keepdims=True)
         s = nn.relu(conv(self.squeeze_channels, name="fc1")(s))
         s = jax.nn.hard_sigmoid(conv(x.shape[-1], name="fc2")(s))
@@ -111,16 +116,13 @@ class SqueezeExcitation(nn.Module):
 class BottleneckLayers(nn.Module):
     """torchvision's `InvertedResidual.block`: [expand 1x1], depthwise kxk, [SE], project 1x1 (no activation)."""
     cfg: Bottleneck
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = _LAYERS.conv
+    conv_bn: ModuleDef = _LAYERS.conv_bn
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        cfg = self.cfg
+        cfg, conv_bn = self.cfg, self.conv_bn
         act = jax.nn.hard_swish if cfg.hardswish else nn.relu
-        conv_bn = functools.partial(ConvBN, bn_momentum=BN_MOMENTUM, bn_epsilon=BN_EPSILON, axis_name=self.axis_name,
-                                    dtype=self.dtype, param_dtype=self.param_dtype)
         names = map(str, itertools.count())
         if cfg.expanded != cfg.in_channels:
             x = conv_bn(cfg.expanded, 1, act=act, name=next(names))(x, train)
@@ -129,19 +131,18 @@ class BottleneckLayers(nn.Module):
         x = conv_bn(cfg.expanded, cfg.kernel, stride=stride, dilation=cfg.dilation, groups=cfg.expanded, act=act,
                     name=next(names))(x, train)
         if cfg.use_se:
-            x = SqueezeExcitation(make_divisible(cfg.expanded // 4), self.dtype, self.param_dtype, name=next(names))(x)
+            x = SqueezeExcitation(make_divisible(cfg.expanded // 4), self.conv, name=next(names))(x)
         return conv_bn(cfg.out_channels, 1, act=None, name=next(names))(x, train)
 
 
 class InvertedResidual(nn.Module):
     cfg: Bottleneck
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = _LAYERS.conv
+    conv_bn: ModuleDef = _LAYERS.conv_bn
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        y = BottleneckLayers(self.cfg, self.axis_name, self.dtype, self.param_dtype, name="block")(x, train)
+        y = BottleneckLayers(self.cfg, self.conv, self.conv_bn, name="block")(x, train)
         if self.cfg.stride == 1 and self.cfg.in_channels == self.cfg.out_channels:
             y = y + x
         return y
@@ -156,20 +157,18 @@ class MobileNetV3Features(nn.Module):
     """
     arch: str = "large"
     dilated: bool = False
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = _LAYERS.conv
+    conv_bn: ModuleDef = _LAYERS.conv_bn
 
     @nn.compact
     def __call__(self, x, train: bool = False) -> dict:
         blocks, _ = bottlenecks(self.arch, self.dilated)
         low_index = stage_indices(blocks)[-4]
-        conv_bn = functools.partial(ConvBN, act=jax.nn.hard_swish, bn_momentum=BN_MOMENTUM, bn_epsilon=BN_EPSILON,
-                                    axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+        conv_bn = functools.partial(self.conv_bn, act=jax.nn.hard_swish)
         x = conv_bn(blocks[0].in_channels, 3, stride=2, name="0")(x, train)
         low = None
         for i, cfg in enumerate(blocks, start=1):
-            x = InvertedResidual(cfg, self.axis_name, self.dtype, self.param_dtype, name=str(i))(x, train)
+            x = InvertedResidual(cfg, self.conv, self.conv_bn, name=str(i))(x, train)
             if i == low_index:
                 low = x
         high = conv_bn(6 * blocks[-1].out_channels, 1, name=str(len(blocks) + 1))(x, train)
@@ -181,13 +180,11 @@ class ClassifierHead(nn.Module):
     hidden: int
     num_classes: int
     dropout_rate: float = 0.2
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    dense: ModuleDef = nn.Dense
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  kernel_init=nn.initializers.normal(0.01))
+        dense = functools.partial(self.dense, kernel_init=nn.initializers.normal(0.01))
         x = jax.nn.hard_swish(dense(self.hidden, name="0")(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train or self.dropout_rate == 0)(x)
         return dense(self.num_classes, name="3")(x)
@@ -199,26 +196,25 @@ class MobileNetV3(nn.Module):
     arch: str = "large"
     dilated: bool = False
     dropout_rate: float = 0.2
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = _LAYERS.conv
+    conv_bn: ModuleDef = _LAYERS.conv_bn
+    dense: ModuleDef = nn.Dense
 
     @nn.compact
     def __call__(self, x, train: bool = False) -> dict:
         _, hidden = bottlenecks(self.arch)
-        x = MobileNetV3Features(self.arch, self.dilated, self.axis_name, self.dtype, self.param_dtype,
-                                name="features")(x, train)["high"]
+        x = MobileNetV3Features(self.arch, self.dilated, self.conv, self.conv_bn, name="features")(x, train)["high"]
         x = x.mean(axis=(1, 2))
-        x = ClassifierHead(hidden, self.num_classes, self.dropout_rate, self.dtype, self.param_dtype,
-                           name="classifier")(x, train)
+        x = ClassifierHead(hidden, self.num_classes, self.dropout_rate, self.dense, name="classifier")(x, train)
         return {"out": x}
 
 
-@register("mobilenet_v3_large", kind="classification")
-def mobilenet_v3_large(num_classes: int = 1000, **kw) -> MobileNetV3:
-    return MobileNetV3(num_classes=num_classes, arch="large", **kw)
+def mobilenet_v3(arch: str, num_classes: int = 1000, dilated: bool = False, dropout_rate: float = 0.2, dtype=None,
+                 param_dtype=jnp.float32, axis_name=None) -> MobileNetV3:
+    layers = backbone_layers(dtype, param_dtype, axis_name)
+    return MobileNetV3(num_classes, arch, dilated, dropout_rate, layers.conv, layers.conv_bn,
+                       functools.partial(nn.Dense, dtype=dtype, param_dtype=param_dtype))
 
 
-@register("mobilenet_v3_small", kind="classification")
-def mobilenet_v3_small(num_classes: int = 1000, **kw) -> MobileNetV3:
-    return MobileNetV3(num_classes=num_classes, arch="small", **kw)
+for _arch in ("large", "small"):
+    register(f"mobilenet_v3_{_arch}", kind="classification")(functools.partial(mobilenet_v3, _arch))

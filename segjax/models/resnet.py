@@ -22,16 +22,15 @@ With `num_classes` it is the ImageNet classifier (global average pool + fc) retu
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
 
 from segjax.errors import SegjaxError
 from segjax.models.registry import register
-from segjax.nn import dtype_partials, max_pool2d
-
-Dtype = Any
+from segjax.nn import BatchNorm, ConvBN, Layers, ModuleDef, conv2d, dtype_partials, max_pool2d
 
 
 class BasicBlock(nn.Module):
@@ -39,21 +38,21 @@ class BasicBlock(nn.Module):
     stride: int = 1
     dilation: int = 1
     downsample: bool = False
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = conv2d
+    norm: ModuleDef = BatchNorm
+    conv_bn: ModuleDef = ConvBN
     expansion = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.dilation > 1:
             raise NotImplementedError("BasicBlock does not support dilation (as in torchvision)")
-        conv, norm, conv_bn = dtype_partials(self.dtype, self.param_dtype, self.axis_name)
+        conv, norm = self.conv, self.norm
         identity = x
         y = nn.relu(norm(name="bn1")(conv(self.planes, 3, self.stride, name="conv1")(x), train))
         y = norm(name="bn2")(conv(self.planes, 3, name="conv2")(y), train)
         if self.downsample:
-            identity = conv_bn(self.planes, 1, self.stride, act=None, name="downsample")(x, train)
+            identity = self.conv_bn(self.planes, 1, self.stride, act=None, name="downsample")(x, train)
         return nn.relu(y + identity)
 
 
@@ -62,15 +61,15 @@ class Bottleneck(nn.Module):
     stride: int = 1
     dilation: int = 1
     downsample: bool = False
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
     stride_on_1x1: bool = False  # caffe's MSRA ResNet; torchvision (v1.5) strides the 3x3
+    conv: ModuleDef = conv2d
+    norm: ModuleDef = BatchNorm
+    conv_bn: ModuleDef = ConvBN
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv, norm, conv_bn = dtype_partials(self.dtype, self.param_dtype, self.axis_name)
+        conv, norm = self.conv, self.norm
         out_channels = self.planes * self.expansion
         identity = x
         s1, s3 = (self.stride, 1) if self.stride_on_1x1 else (1, self.stride)
@@ -78,7 +77,7 @@ class Bottleneck(nn.Module):
         y = nn.relu(norm(name="bn2")(conv(self.planes, 3, s3, dilation=self.dilation, name="conv2")(y), train))
         y = norm(name="bn3")(conv(out_channels, 1, name="conv3")(y), train)
         if self.downsample:
-            identity = conv_bn(out_channels, 1, self.stride, act=None, name="downsample")(x, train)
+            identity = self.conv_bn(out_channels, 1, self.stride, act=None, name="downsample")(x, train)
         return nn.relu(y + identity)
 
 
@@ -109,20 +108,14 @@ def stage_plan(stage_sizes: Sequence[int], expansion: int, replace_stride_with_d
 
 class ResLayer(nn.Module):
     """One stage ("layer1".."layer4"): blocks named "0".."k" like torchvision's Sequential."""
-    block: type
+    block: ModuleDef  # the block class with the network's layers bound
     planes: int
     blocks: Sequence[tuple[int, int, bool]]  # (stride, dilation, downsample) per block
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
-    stride_on_1x1: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        extra = {"stride_on_1x1": True} if self.stride_on_1x1 else {}
         for j, (stride, dilation, downsample) in enumerate(self.blocks):
-            x = self.block(self.planes, stride, dilation, downsample, self.axis_name, self.dtype,
-                           self.param_dtype, **extra, name=str(j))(x, train)
+            x = self.block(self.planes, stride, dilation, downsample, name=str(j))(x, train)
         return x
 
 
@@ -131,11 +124,12 @@ class ResNet(nn.Module):
     block: type = Bottleneck
     replace_stride_with_dilation: Sequence[bool] = (False, False, False)
     num_classes: int | None = None  # None: a backbone returning its features by name
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
     style: str = "torchvision"  # or "caffe" (see the module docstring)
     multi_grid: Sequence[int] | None = None
+    conv: ModuleDef = conv2d
+    norm: ModuleDef = BatchNorm
+    conv_bn: ModuleDef = ConvBN
+    dense: ModuleDef = nn.Dense
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -146,45 +140,45 @@ class ResNet(nn.Module):
             raise SegjaxError("resnet_style='caffe' needs a bottleneck ResNet (50 or deeper)")
         if len(self.replace_stride_with_dilation) != 3:
             raise ValueError("replace_stride_with_dilation needs 3 flags (layer2, layer3, layer4)")
-        conv, norm, _ = dtype_partials(self.dtype, self.param_dtype, self.axis_name)
-        x = nn.relu(norm(name="bn1")(conv(64, 7, 2, padding=3, name="conv1")(x), train))
+        x = nn.relu(self.norm(name="bn1")(self.conv(64, 7, 2, padding=3, name="conv1")(x), train))
         features = {"stem": x}
         x = max_pool2d(x, 3, 2, padding=1, ceil_mode=caffe)
         multi_grid = None if self.multi_grid is None else tuple(self.multi_grid)
         plan = stage_plan(self.stage_sizes, self.block.expansion, self.replace_stride_with_dilation, caffe, multi_grid)
+        block = functools.partial(self.block, conv=self.conv, norm=self.norm, conv_bn=self.conv_bn)
+        if caffe:
+            block = functools.partial(block, stride_on_1x1=True)
         for i, (planes, blocks) in enumerate(plan):
-            x = ResLayer(self.block, planes, tuple(blocks), self.axis_name, self.dtype, self.param_dtype,
-                         stride_on_1x1=caffe, name=f"layer{i + 1}")(x, train)
+            x = ResLayer(block, planes, tuple(blocks), name=f"layer{i + 1}")(x, train)
             features[f"layer{i + 1}"] = x
         if self.num_classes is None:
             return features
-        pooled = x.mean(axis=(1, 2))
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(pooled)
-        return {"out": logits}
+        return {"out": self.dense(self.num_classes, name="fc")(x.mean(axis=(1, 2)))}
 
 
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
-def resnet_backbone(depth: int, replace_stride_with_dilation=(False, False, False), **kw) -> ResNet:
-    """The feature extractor the segmentation heads sit on (no avgpool/fc)."""
+def resnet_backbone(depth: int, replace_stride_with_dilation=(False, False, False), layers: Layers | None = None,
+                    **kw) -> ResNet:
+    """ResNet-`depth` built from `layers` (`dtype_partials`); without num_classes, the feature extractor
+    the segmentation heads sit on (no avgpool/fc)."""
     if depth not in STAGE_SIZES:
         raise SegjaxError(f"ResNet depth {depth}: choose one of {sorted(STAGE_SIZES)}")
     block = BasicBlock if depth < 50 else Bottleneck
     if block is BasicBlock and any(replace_stride_with_dilation):
         raise SegjaxError(f"resnet{depth} (BasicBlock) cannot be dilated, as in torchvision; use resnet50 or deeper")
-    return ResNet(STAGE_SIZES[depth], block, tuple(replace_stride_with_dilation), **kw)
+    layers = layers or dtype_partials()
+    return ResNet(STAGE_SIZES[depth], block, tuple(replace_stride_with_dilation), conv=layers.conv, norm=layers.norm,
+                  conv_bn=layers.conv_bn, **kw)
 
 
-def _register_classifier(depth: int):
-    @register(f"resnet{depth}", kind="classification")
-    def build(num_classes: int = 1000, replace_stride_with_dilation=(False, False, False), axis_name=None,
-              dtype=None, param_dtype=jnp.float32) -> ResNet:
-        return resnet_backbone(depth, replace_stride_with_dilation, num_classes=num_classes,
-                               axis_name=axis_name, dtype=dtype, param_dtype=param_dtype)
-    build.__name__ = f"resnet{depth}"
-    return build
+def resnet(depth: int, num_classes: int = 1000, replace_stride_with_dilation=(False, False, False), dtype=None,
+           param_dtype=jnp.float32, axis_name=None) -> ResNet:
+    """The ImageNet classifier (global average pool + fc), returning {"out": (N, num_classes)}."""
+    return resnet_backbone(depth, replace_stride_with_dilation, dtype_partials(dtype, param_dtype, axis_name),
+                           num_classes=num_classes, dense=functools.partial(nn.Dense, dtype=dtype, param_dtype=param_dtype))
 
 
 for _depth in STAGE_SIZES:
-    _register_classifier(_depth)
+    register(f"resnet{_depth}", kind="classification")(functools.partial(resnet, _depth))

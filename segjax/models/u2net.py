@@ -23,6 +23,7 @@ Returns logits: {"out": fused, "sides": [side1 .. side6]} (the original applies 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -31,8 +32,7 @@ from flax import linen as nn
 
 from segjax import nn as snn
 from segjax.models.registry import register
-
-Dtype = Any
+from segjax.nn import ModuleDef
 
 
 def upsample_like(x: jax.Array, target: jax.Array) -> jax.Array:
@@ -42,16 +42,13 @@ def upsample_like(x: jax.Array, target: jax.Array) -> jax.Array:
 class REBNCONV(nn.Module):
     features: int
     dilation: int = 1
-    conv_bias: bool = True
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = snn.conv2d
+    norm: ModuleDef = snn.BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv, norm, _ = snn.dtype_partials(self.dtype, self.param_dtype, self.axis_name)
-        x = conv(self.features, 3, dilation=self.dilation, use_bias=self.conv_bias, name="conv_s1")(x)
-        return nn.relu(norm(name="bn_s1")(x, train))
+        x = self.conv(self.features, 3, dilation=self.dilation, name="conv_s1")(x)
+        return nn.relu(self.norm(name="bn_s1")(x, train))
 
 
 class RSU(nn.Module):
@@ -60,34 +57,29 @@ class RSU(nn.Module):
     mid_features: int
     out_features: int
     dilated: bool = False
-    conv_bias: bool = True
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = snn.conv2d
+    norm: ModuleDef = snn.BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        def rebnconv(features, dilation, name):
-            return REBNCONV(features, dilation, self.conv_bias, self.axis_name, self.dtype, self.param_dtype,
-                            name=name)
-
+        rebnconv = functools.partial(REBNCONV, conv=self.conv, norm=self.norm)
         depth = self.height
         # Encoder dilation of rebnconv{i}: RSU-L uses 1 then 2 at the bottom; RSU-4F doubles each level.
         dilation = (lambda i: 2 ** (i - 1)) if self.dilated else (lambda i: 2 if i == depth else 1)
 
-        x_in = rebnconv(self.out_features, 1, "rebnconvin")(x, train)
-        encoded = [rebnconv(self.mid_features, dilation(1), "rebnconv1")(x_in, train)]
+        x_in = rebnconv(self.out_features, 1, name="rebnconvin")(x, train)
+        encoded = [rebnconv(self.mid_features, dilation(1), name="rebnconv1")(x_in, train)]
         for i in range(2, depth + 1):
             h = encoded[-1]
             if not self.dilated and i < depth:
                 h = snn.max_pool2d(h, 2, 2, ceil_mode=True)
-            encoded.append(rebnconv(self.mid_features, dilation(i), f"rebnconv{i}")(h, train))
+            encoded.append(rebnconv(self.mid_features, dilation(i), name=f"rebnconv{i}")(h, train))
 
         y = encoded.pop()
         for i in range(depth - 1, 0, -1):
             skip = encoded.pop()
             features = self.out_features if i == 1 else self.mid_features
-            y = rebnconv(features, dilation(i), f"rebnconv{i}d")(
+            y = rebnconv(features, dilation(i), name=f"rebnconv{i}d")(
                 jnp.concatenate([upsample_like(y, skip), skip], -1), train)
         return y + x_in
 
@@ -98,51 +90,49 @@ U2NET_ENCODER = ((7, 32, 64), (6, 32, 128), (5, 64, 256), (4, 128, 512), (4, 256
 U2NET_DECODER = ((4, 256, 512), (4, 128, 256), (5, 64, 128), (6, 32, 64), (7, 16, 64))
 U2NETP_ENCODER = ((7, 16, 64), (6, 16, 64), (5, 16, 64), (4, 16, 64), (4, 16, 64), (4, 16, 64))
 U2NETP_DECODER = ((4, 16, 64), (4, 16, 64), (5, 16, 64), (6, 16, 64), (7, 16, 64))
+# Full U^2-Net: 44.0M parameters with the original's conv biases; U^2-Net lite ("u2netp"): 1.13M.
+VARIANTS = {"u2net": (U2NET_ENCODER, U2NET_DECODER), "u2netp": (U2NETP_ENCODER, U2NETP_DECODER)}
 
 
 class U2Net(nn.Module):
     num_classes: int = 1
     encoder: Sequence[tuple[int, int, int]] = U2NET_ENCODER
     decoder: Sequence[tuple[int, int, int]] = U2NET_DECODER
-    conv_bias: bool = True
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv_bias: bool = True  # of the RSU convs (the side convs and outconv always have one)
+    conv: ModuleDef = snn.conv2d
+    norm: ModuleDef = snn.BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, Any]:
-        common = dict(conv_bias=self.conv_bias, axis_name=self.axis_name, dtype=self.dtype,
-                      param_dtype=self.param_dtype)
+        rsu = functools.partial(RSU, conv=functools.partial(self.conv, use_bias=self.conv_bias), norm=self.norm)
 
         encoded, h = [], x
         for i, (height, mid, out) in enumerate(self.encoder, start=1):
             if i > 1:
                 h = snn.max_pool2d(h, 2, 2, ceil_mode=True)
-            h = RSU(height, mid, out, dilated=i >= 5, **common, name=f"stage{i}")(h, train)
+            h = rsu(height, mid, out, dilated=i >= 5, name=f"stage{i}")(h, train)
             encoded.append(h)
 
         decoded = [encoded.pop()]  # stage6's output feeds side6 and the decoder
         for i, (height, mid, out) in zip(range(5, 0, -1), self.decoder):
             skip = encoded.pop()
             h = jnp.concatenate([upsample_like(decoded[-1], skip), skip], -1)
-            decoded.append(RSU(height, mid, out, dilated=i == 5, **common, name=f"stage{i}d")(h, train))
+            decoded.append(rsu(height, mid, out, dilated=i == 5, name=f"stage{i}d")(h, train))
 
-        conv = lambda k, name: snn.conv2d(self.num_classes, k, use_bias=True, dtype=self.dtype,  # noqa: E731
-                                          param_dtype=self.param_dtype, name=name)
+        conv = functools.partial(self.conv, self.num_classes, use_bias=True)
         # decoded = [stage6, stage5d, ..., stage1d]; side i reads the stage at level i.
-        sides = [conv(3, f"side{i}")(decoded[6 - i]) for i in range(1, 7)]
+        sides = [conv(3, name=f"side{i}")(decoded[6 - i]) for i in range(1, 7)]
         sides = [snn.resize(s, x.shape[1:3], align_corners=False) for s in sides]
-        fused = conv(1, "outconv")(jnp.concatenate(sides, -1))
+        fused = conv(1, name="outconv")(jnp.concatenate(sides, -1))
         return {"out": fused, "sides": sides}
 
 
-@register("u2net")
-def u2net(num_classes: int = 1, conv_bias: bool = True, **kw) -> U2Net:
-    """Full U^2-Net (44.0M parameters with the original's conv biases)."""
-    return U2Net(num_classes=num_classes, encoder=U2NET_ENCODER, decoder=U2NET_DECODER, conv_bias=conv_bias, **kw)
+def u2net(variant: str, num_classes: int = 1, conv_bias: bool = True, dtype=None, param_dtype=jnp.float32,
+          axis_name=None) -> U2Net:
+    layers = snn.dtype_partials(dtype, param_dtype, axis_name)
+    encoder, decoder = VARIANTS[variant]
+    return U2Net(num_classes, encoder, decoder, conv_bias, layers.conv, layers.norm)
 
 
-@register("u2netp")
-def u2netp(num_classes: int = 1, conv_bias: bool = True, **kw) -> U2Net:
-    """U^2-Net lite (1.13M parameters)."""
-    return U2Net(num_classes=num_classes, encoder=U2NETP_ENCODER, decoder=U2NETP_DECODER, conv_bias=conv_bias, **kw)
+for _variant in VARIANTS:
+    register(_variant)(functools.partial(u2net, _variant))

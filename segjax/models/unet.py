@@ -20,7 +20,7 @@ reference's `double_conv` Sequential positions; `segjax.convert.unet_layouts` dr
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,21 +28,19 @@ from flax import linen as nn
 
 from segjax import nn as snn
 from segjax.models.registry import register
-
-Dtype = Any
+from segjax.nn import ModuleDef
 
 
 class DoubleConv(nn.Module):
     """(3x3 conv -> BN -> ReLU) x 2; submodules named like the reference Sequential: 0, 1, 3, 4."""
     features: int
     mid_features: int | None = None
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = snn.conv2d
+    norm: ModuleDef = snn.BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv, norm, _ = snn.dtype_partials(self.dtype, self.param_dtype, self.axis_name)
+        conv, norm = self.conv, self.norm
         x = nn.relu(norm(name="1")(conv(self.mid_features or self.features, 3, name="0")(x), train))
         return nn.relu(norm(name="4")(conv(self.features, 3, name="3")(x), train))
 
@@ -57,9 +55,9 @@ class Up(nn.Module):
     """Upsample x2, pad to the skip's size, concatenate [skip, upsampled], DoubleConv."""
     features: int
     bilinear: bool
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = snn.conv2d
+    norm: ModuleDef = snn.BatchNorm
+    conv_transpose: ModuleDef = snn.ConvTranspose
 
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array, train: bool = False) -> jax.Array:
@@ -68,41 +66,43 @@ class Up(nn.Module):
             x = snn.resize(x, (2 * x.shape[1], 2 * x.shape[2]), align_corners=True)
             mid = in_features // 2
         else:
-            x = snn.ConvTranspose(x.shape[-1] // 2, kernel_size=2, stride=2, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name="up")(x)
+            x = self.conv_transpose(x.shape[-1] // 2, kernel_size=2, stride=2, name="up")(x)
             mid = None
         x = jnp.concatenate([skip, pad_to(x, skip.shape[1:3]).astype(skip.dtype)], axis=-1)
-        return DoubleConv(self.features, mid, self.axis_name, self.dtype, self.param_dtype, name="conv")(x, train)
+        return DoubleConv(self.features, mid, self.conv, self.norm, name="conv")(x, train)
 
 
 class UNet(nn.Module):
     num_classes: int
     bilinear: bool = False
     base_channels: int = 64
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = snn.conv2d
+    norm: ModuleDef = snn.BatchNorm
+    conv_transpose: ModuleDef = snn.ConvTranspose
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         c, f = self.base_channels, (2 if self.bilinear else 1)
-        common = dict(axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
+        double_conv = functools.partial(DoubleConv, conv=self.conv, norm=self.norm)
+        up = functools.partial(Up, bilinear=self.bilinear, conv=self.conv, norm=self.norm,
+                               conv_transpose=self.conv_transpose)
 
-        skips = [DoubleConv(c, **common, name="inc")(x, train)]
+        skips = [double_conv(c, name="inc")(x, train)]
         for i, width in enumerate([2 * c, 4 * c, 8 * c, 16 * c // f], start=1):
-            skips.append(DoubleConv(width, **common, name=f"down{i}")(snn.max_pool2d(skips[-1], 2), train))
+            skips.append(double_conv(width, name=f"down{i}")(snn.max_pool2d(skips[-1], 2), train))
 
         y = skips.pop()
         for i, width in enumerate([8 * c // f, 4 * c // f, 2 * c // f, c], start=1):
-            y = Up(width, self.bilinear, **common, name=f"up{i}")(y, skips.pop(), train)
+            y = up(width, name=f"up{i}")(y, skips.pop(), train)
 
-        logits = snn.conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="outc")(y)
-        return {"out": logits}
+        return {"out": self.conv(self.num_classes, 1, use_bias=True, name="outc")(y)}
 
 
 @register("unet")
-def unet(num_classes: int, bilinear: bool = False, base_channels: int = 64, **kw) -> UNet:
+def unet(num_classes: int, bilinear: bool = False, base_channels: int = 64, dtype=None, param_dtype=jnp.float32,
+         axis_name=None) -> UNet:
     """milesial's UNet: `bilinear=False` (transposed conv, 31.0M params at base 64) is its default;
     the DRIVE recipe uses `bilinear=True, base_channels=32` (4.3M)."""
-    return UNet(num_classes=num_classes, bilinear=bilinear, base_channels=base_channels, **kw)
+    layers = snn.dtype_partials(dtype, param_dtype, axis_name)
+    return UNet(num_classes, bilinear, base_channels, layers.conv, layers.norm,
+                functools.partial(snn.ConvTranspose, dtype=dtype, param_dtype=param_dtype))

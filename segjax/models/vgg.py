@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,7 @@ from flax import linen as nn
 
 from segjax.errors import SegjaxError
 from segjax.models.registry import register
-from segjax.nn import adaptive_avg_pool2d, dtype_partials, max_pool2d, pool_output_size
-
-Dtype = Any
+from segjax.nn import BatchNorm, ModuleDef, adaptive_avg_pool2d, conv2d, dtype_partials, max_pool2d, pool_output_size
 
 # Conv widths per stage; every stage ends with a max-pool.
 STAGES: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -70,8 +68,8 @@ def torchvision_to_caffe(stages: Sequence[Sequence[int]]) -> dict[str, str]:
 
 def vgg_conv_body(x: jax.Array, train: bool, *, stages: Sequence[Sequence[int]], batch_norm: bool = False,
                   caffe_names: bool = False, first_padding: int = 1, pools: Sequence[Pool] = TORCHVISION_POOLS,
-                  dilations: Sequence[int] = (1,) * 5, axis_name: str | None = None, dtype: Dtype = None,
-                  param_dtype: Dtype = jnp.float32) -> dict[str, jax.Array]:
+                  dilations: Sequence[int] = (1,) * 5, conv: ModuleDef = conv2d,
+                  norm: ModuleDef = BatchNorm) -> dict[str, jax.Array]:
     """3x3 conv (+BN) + ReLU stages, each closed by a max-pool; call inside a compact method.
 
     The layers become submodules of the calling module. Returns {"conv1".."conv5": each stage's last
@@ -81,7 +79,6 @@ def vgg_conv_body(x: jax.Array, train: bool, *, stages: Sequence[Sequence[int]],
         raise ValueError(f"vgg_conv_body: need one pool and one dilation per stage ({len(stages)})")
     if x.ndim != 4:
         raise SegjaxError(f"VGG expects NHWC images, got an array of shape {x.shape}")
-    conv, norm, _ = dtype_partials(dtype, param_dtype, axis_name)
     names = iter(layer_names(stages, batch_norm, caffe_names))
     feats = {}
     for s, (stage, pool, dilation) in enumerate(zip(stages, pools, dilations), 1):
@@ -109,30 +106,26 @@ class VGGFeatures(nn.Module):
     first_padding: int = 1
     pools: Sequence[Pool] = TORCHVISION_POOLS
     dilations: Sequence[int] = (1,) * 5
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = conv2d
+    norm: ModuleDef = BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         return vgg_conv_body(x, train, stages=self.stages, batch_norm=self.batch_norm,
                              caffe_names=self.caffe_names, first_padding=self.first_padding, pools=self.pools,
-                             dilations=self.dilations, axis_name=self.axis_name, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+                             dilations=self.dilations, conv=self.conv, norm=self.norm)
 
 
 class VGGClassifier(nn.Module):
     """torchvision's `classifier`: Linear-ReLU-Dropout, Linear-ReLU-Dropout, Linear ("0", "3", "6")."""
     num_classes: int
     dropout_rate: float = 0.5
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    dense: ModuleDef = nn.Dense
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         # torchvision initialises the Linear layers with N(0, 0.01) and zero bias.
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  kernel_init=nn.initializers.normal(0.01))
+        dense = functools.partial(self.dense, kernel_init=nn.initializers.normal(0.01))
         for name in ("0", "3"):
             x = nn.relu(dense(4096, name=name)(x))
             x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
@@ -145,30 +138,27 @@ class VGG(nn.Module):
     batch_norm: bool = False
     num_classes: int = 1000
     dropout_rate: float = 0.5
-    axis_name: str | None = None
-    dtype: Dtype = None
-    param_dtype: Dtype = jnp.float32
+    conv: ModuleDef = conv2d
+    norm: ModuleDef = BatchNorm
+    dense: ModuleDef = nn.Dense
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        feats = VGGFeatures(self.stages, self.batch_norm, axis_name=self.axis_name, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="features")(x, train)
+        feats = VGGFeatures(self.stages, self.batch_norm, conv=self.conv, norm=self.norm, name="features")(x, train)
         x = adaptive_avg_pool2d(feats["pool5"], 7)
         # torch flattens NCHW; flattening in its (C, H, W) order lets classifier.0 convert unchanged.
         x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
-        logits = VGGClassifier(self.num_classes, self.dropout_rate, self.dtype, self.param_dtype,
-                               name="classifier")(x, train)
+        logits = VGGClassifier(self.num_classes, self.dropout_rate, self.dense, name="classifier")(x, train)
         return {"out": logits}
 
 
-def _classifier_builder(arch: str, batch_norm: bool) -> Callable[..., VGG]:
-    def build(num_classes: int = 1000, dropout_rate: float = 0.5, axis_name: str | None = None,
-              dtype: Dtype = None, param_dtype: Dtype = jnp.float32) -> VGG:
-        return VGG(STAGES[arch], batch_norm, num_classes, dropout_rate, axis_name, dtype, param_dtype)
-    build.__name__ = arch + ("_bn" if batch_norm else "")
-    return build
+def vgg(arch: str, batch_norm: bool, num_classes: int = 1000, dropout_rate: float = 0.5, dtype=None,
+        param_dtype=jnp.float32, axis_name=None) -> VGG:
+    layers = dtype_partials(dtype, param_dtype, axis_name)
+    return VGG(STAGES[arch], batch_norm, num_classes, dropout_rate, conv=layers.conv, norm=layers.norm,
+               dense=functools.partial(nn.Dense, dtype=dtype, param_dtype=param_dtype))
 
 
 for _arch in STAGES:
-    register(_arch, "classification")(_classifier_builder(_arch, False))
-    register(_arch + "_bn", "classification")(_classifier_builder(_arch, True))
+    register(_arch, "classification")(functools.partial(vgg, _arch, False))
+    register(_arch + "_bn", "classification")(functools.partial(vgg, _arch, True))
