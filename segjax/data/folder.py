@@ -19,6 +19,14 @@ Without a manifest, a manual dir in the common layout needs none (`resolve_manif
 
 Its name is the folder's name and, without classes.txt, its classes are 0..the largest label found.
 A `DIR/manifest.json` takes precedence over the layout, and a manifest passed in over both.
+
+Multi-band images: `"in_channels": N` in the manifest, or the data option `in_channels=N`
+(`prepare("folder", ..., in_channels=N)`, `--config.data_options='{"in_channels": N}'`), with N != 3,
+reads every image as it is (TIFF through tifffile: 8 or 16-bit, any band count; see
+`validate.decode_bands`) and stores it as a uint16 (H, W, N) tensor, 8-bit data scaled by 257; the
+pipeline then normalises by (x / 65535 - mean) / std with N means and stds. An image with another
+band count is an error naming the file. Without it (or N == 3) images are converted to 8-bit RGB as
+always. See docs/in_channels.md.
 """
 from __future__ import annotations
 
@@ -70,6 +78,9 @@ def load_manifest(manifest) -> dict:
     for key in ("name", "class_names", "splits"):
         if key not in manifest:
             raise SegjaxError(f"{where}: manifest lacks '{key}'; see the example in segjax/data/folder.py")
+    channels = manifest.get("in_channels", 3)
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise SegjaxError(f"{where}: in_channels={channels!r}; give the number of image bands, an integer >= 1")
     for split, spec in manifest["splits"].items():
         masks = spec.get("masks", "")
         if spec.get("images", "").count("*") != 1 or ("{id}" not in masks and "{stem}" not in masks):
@@ -177,10 +188,33 @@ def read(path: str) -> bytes:
         return f.read()
 
 
-def load_pair(pair, manifest, encode: bool = True) -> tuple[bytes | None, tuple[int, int], np.ndarray]:
-    """(image bytes to store, or None when not `encode`; (height, width); class-index mask after the
-    manifest's value map / threshold and ROI). Unchecked against the classes: see `check_pair`."""
+def in_channels(manifest) -> int:
+    """The manifest's image band count (3, RGB, unless it says otherwise)."""
+    return int(manifest.get("in_channels", 3))
+
+
+def with_channels(manifest: dict, channels: int | None) -> dict:
+    """`manifest` with the data option in_channels applied (3 leaves an RGB manifest as it is, so its
+    builder config is the same as without the option); a manifest that says otherwise is an error."""
+    if channels is None:
+        return manifest
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise SegjaxError(f"in_channels={channels!r}: give the number of image bands, an integer >= 1")
+    if "in_channels" in manifest and manifest["in_channels"] != channels:
+        raise SegjaxError(f"manifest '{manifest['name']}' says in_channels={manifest['in_channels']} but "
+                          f"in_channels={channels} was asked; make them agree")
+    return manifest if channels == 3 else {**manifest, "in_channels": channels}
+
+
+def load_pair(pair, manifest, encode: bool = True) -> tuple[bytes | np.ndarray | None, tuple[int, int], np.ndarray]:
+    """(image to store: bytes, or a uint16 (H, W, C) array for a multi-band manifest, or None when not
+    `encode`; (height, width); class-index mask after the manifest's value map / threshold and ROI).
+    Unchecked against the classes: see `check_pair`."""
     image_path = pair[1]
+    channels = in_channels(manifest)
+    if channels != 3:
+        bands = validate.decode_bands(read(image_path), image_path, channels)
+        return (bands if encode else None), bands.shape[:2], load_mask(pair, manifest)
     if encode:
         image, hw = validate.encode_image(read(image_path), image_path)
     else:
@@ -232,8 +266,9 @@ class SegmentationFolder(LocalBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         manifest = self.builder_config.manifest
         return tfds.core.DatasetInfo(
-            builder=self, description=self.__doc__, features=segmentation_features(),
-            metadata=tfds.core.MetadataDict(class_names=list(manifest["class_names"]), manifest=manifest))
+            builder=self, description=self.__doc__, features=segmentation_features(in_channels(manifest)),
+            metadata=tfds.core.MetadataDict(class_names=list(manifest["class_names"]), manifest=manifest,
+                                            in_channels=in_channels(manifest)))
 
     def _split_generators(self, dl_manager):
         root, manifest = str(dl_manager.manual_dir), self.builder_config.manifest

@@ -88,10 +88,13 @@ def make_train_loader(source, *, batch_size: int, crop_size, base_size: int, sca
                       seed: int = 0, worker_count: int = 0, shard_index: int | None = None,
                       shard_count: int | None = None, num_epochs: int | None = None,
                       read_threads: int = 8, uint8_images: bool = False) -> grain.IterDataset:
-    """Shuffled, augmented, batched training data: {"image": float32 (B, H, W, 3), "mask": int32 (B, H, W)}.
+    """Shuffled, augmented, batched training data: {"image": float32 (B, H, W, C), "mask": int32 (B, H, W)}.
 
-    `uint8_images=True` (opt-in) ships the images un-normalised as uint8, for `normalize_on_device`: a
-    quarter of the host->device bytes and no normalisation on the host CPU.
+    C = len(mean) = len(std): 3 for RGB, the band count of a multi-band folder data set (uint16
+    images, normalised as (x / 65535 - mean) / std; see segjax.data.transforms).
+
+    `uint8_images=True` (opt-in) ships the images un-normalised as uint8 (uint16 for multi-band data),
+    for `normalize_on_device`: a quarter of the host->device bytes and no normalisation on the host CPU.
 
     `batch_size` is per process. All processes walk one global stream (shuffled by `seed`,
     reshuffled every epoch, each record augmented by its global position); global batch t is
@@ -116,8 +119,9 @@ def make_train_loader(source, *, batch_size: int, crop_size, base_size: int, sca
 class _PaddedShard:
     """This process's slice of `source`, stretched to `length` with void examples."""
 
-    def __init__(self, source, indices: list[int], length: int, pad_hw):
+    def __init__(self, source, indices: list[int], length: int, pad_hw, channels: int = 3):
         self.source, self.indices, self.length, self.pad_hw = source, indices, length, pad_hw
+        self.channels = channels
 
     def __len__(self):
         return self.length
@@ -126,7 +130,7 @@ class _PaddedShard:
         i = int(i)
         if i < len(self.indices):
             return {**self.source[self.indices[i]], "index": self.indices[i]}
-        return {"image": np.zeros((1, 1, 3), np.uint8), "segmentation_mask": np.full((1, 1), 255, np.uint8),
+        return {"image": np.zeros((1, 1, self.channels), np.uint8), "segmentation_mask": np.full((1, 1), 255, np.uint8),
                 "index": -1}
 
 
@@ -173,7 +177,7 @@ class EvalLoader:
         indices = list(range(shard_index, len(source), shard_count))
         per_process = math.ceil(len(source) / shard_count)
         self.num_batches = math.ceil(per_process / batch_size)
-        padded = _PaddedShard(source, indices, self.num_batches * batch_size, self.eval_size)
+        padded = _PaddedShard(source, indices, self.num_batches * batch_size, self.eval_size, len(mean))
         ds = grain.MapDataset.source(padded).map(EvalTransform(self.eval_size, base_size, tuple(mean), tuple(std)))
         self._loader = _iterable(ds.batch(batch_size), worker_count, 8, max(2 * batch_size, 16))
 
@@ -227,10 +231,11 @@ class DevicePrefetch:
 
 
 def normalize_on_device(batch: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
-    """The uint8 batch of `make_train_loader(uint8_images=True)` normalised where it lies (jit it: the
-    result keeps the input's sharding); equal to the host path to float32 rounding."""
+    """The uint8 (or uint16) batch of `make_train_loader(uint8_images=True)` normalised where it lies (jit
+    it: the result keeps the input's sharding); equal to the host path to float32 rounding."""
     import jax.numpy as jnp
 
-    scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
+    top = transforms.value_range(batch["image"].dtype)
+    scale = (1.0 / (top * np.asarray(std, np.float32))).astype(np.float32)
     shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
     return {**batch, "image": batch["image"].astype(jnp.float32) * scale - shift}

@@ -80,17 +80,38 @@ def _prepare(name, data_dir, manual_dir, manifest, progress, flag, options) -> d
         raise SegjaxError(f"options {sorted(options)} only apply to {', '.join(repr(t) for t in takers)}, not '{name}'")
     if entry.prepare is not None:
         return entry.prepare(entry.location(data_dir)[0], progress=progress, build=_build, **options)
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        raise SegjaxError(f"options {unknown} do not apply to '{name}'; it takes {', '.join(entry.options)}")
     if entry.config is not None or suffix is not None:
         prepared = _prepared_dir(entry, data_dir, suffix)
         if prepared is not None and (entry.config is not None or manifest is None):
+            _check_channels(prepared, options)
             return {split: info.num_examples for split, info in tfds.builder_from_directory(prepared).info.splits.items()}
     if entry.manual:
         manual_dir = _check_manual_dir(entry, name, manual_dir, flag)
     root, _, config = entry.location(data_dir, suffix) if (entry.config or suffix) else (data_dir, None, None)
-    builder = entry.builder(root, config, manual_dir, manifest)
+    builder = entry.builder(root, config, manual_dir, manifest, **options)
     if builder.is_prepared():
+        _check_channels(str(builder.data_dir), options)
         return _build(builder, None, progress)
     return _build(builder, manual_dir, progress)
+
+
+def _stored_channels(builder_dir: str) -> int:
+    path = os.path.join(builder_dir, "metadata.json")
+    if not os.path.isfile(path):
+        return 3
+    with open(path) as f:
+        return int(json.load(f).get("in_channels", 3))
+
+
+def _check_channels(builder_dir: str, options: dict) -> None:
+    """A data set prepared with one band count is not silently reused for another."""
+    wanted = options.get("in_channels")
+    if wanted is not None and _stored_channels(builder_dir) != wanted:
+        raise SegjaxError(f"{builder_dir}: prepared with in_channels={_stored_channels(builder_dir)}, not {wanted}; "
+                          "remove that folder to rebuild it, or prepare it under another name")
 
 
 def _versions(config_dir: str) -> list[str]:
@@ -117,8 +138,8 @@ def _builder_dir(name: str, data_dir: str | None) -> str:
 
 
 class SegmentationSource:
-    """Random access over a prepared split: {"image": uint8 (H, W, 3), "segmentation_mask": uint8 (H, W),
-    "file_name": str}. Picklable, so grain worker processes can hold it."""
+    """Random access over a prepared split: {"image": uint8 (H, W, 3) (uint16 (H, W, C) for a multi-band
+    folder data set), "segmentation_mask": uint8 (H, W), "file_name": str}. Picklable, so grain worker processes can hold it."""
 
     def __init__(self, builder_dir: str, split: str):
         self.builder_dir, self.split = builder_dir, split
@@ -149,6 +170,14 @@ class SegmentationSource:
 def open_source(name: str, split: str, data_dir: str | None = None) -> SegmentationSource:
     """Random-access source of a prepared split (`folder:<manifest name>` for custom folders)."""
     return SegmentationSource(_builder_dir(name, data_dir), split)
+
+
+def in_channels(name: str, data_dir: str | None = None) -> int:
+    """The image band count of a prepared data set: 3 (RGB) unless a multi-band folder data set."""
+    entry, _ = registry.lookup(name)
+    if entry.class_names is not None:  # the built-in data sets are RGB
+        return 3
+    return _stored_channels(_builder_dir(name, data_dir))
 
 
 def class_names(name: str, data_dir: str | None = None) -> tuple[str, ...]:

@@ -23,8 +23,9 @@ from segjax.errors import SegjaxError
 class DataSet:
     """One data set.
 
-    builder(root, config, manual_dir, manifest) -> an unprepared-or-prepared tfds builder, where
-    `config` is the config name (None for `folder` before its manifest names it). `prepare`, when
+    builder(root, config, manual_dir, manifest, **options) -> an unprepared-or-prepared tfds builder,
+    where `config` is the config name (None for `folder` before its manifest names it) and `options`
+    the data options of an entry without `prepare` (folder: in_channels). `prepare`, when
     set, replaces the generic build (synthetic regenerates its files first); it is called as
     prepare(tfds root, progress=..., build=...) with the data set's `options`.
     """
@@ -101,9 +102,9 @@ def _preset_builder(root, config, manual_dir, manifest):
     return folder.SegmentationFolder(config=config, data_dir=root)
 
 
-def _folder_builder(root, config, manual_dir, manifest):
-    return folder.SegmentationFolder(config=folder.folder_config(folder.resolve_manifest(manual_dir, manifest, config)),
-                                     data_dir=root)
+def _folder_builder(root, config, manual_dir, manifest, in_channels=None):
+    manifest = folder.with_channels(folder.resolve_manifest(manual_dir, manifest, config), in_channels)
+    return folder.SegmentationFolder(config=folder.folder_config(manifest), data_dir=root)
 
 
 register(DataSet(
@@ -125,7 +126,8 @@ register(DataSet(
 register(DataSet(
     "folder", _folder_builder, "segmentation_folder", None,
     download="your image and mask folders, with a manifest (--manifest or manifest.json) or in the layout "
-             "{train,val}/images/* + {train,val}/masks/<stem>.png (see segjax/data/folder.py)"))
+             "{train,val}/images/* + {train,val}/masks/<stem>.png (see segjax/data/folder.py)",
+    options=("in_channels",)))
 register(DataSet(
     "synthetic", None, "voc2012_segmentation", "voc2012", subdir="synthetic", class_names=synthetic.CLASS_NAMES,
     download="nothing: it is generated", manual=False, options=tuple(synthetic.DEFAULTS),

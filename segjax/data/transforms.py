@@ -8,6 +8,11 @@ resizing the whole image and then cropping (within 2/255 from Pillow's fixed-poi
 much cheaper when the scale is 2x. Masks are resized whole, so they are exactly torchvision's.
 
 Eval: optionally resize the shorter side to base_size, then pad to a fixed size (image 0, mask 255).
+
+Images are uint8 RGB, or uint16 with any number of bands (multi-band folder data sets): those are
+resampled band by band in float32 (PIL mode "F", the same bilinear filter and box), rounded back to
+uint16, and normalised by the dtype's full range: (x / 255 - mean) / std for uint8, (x / 65535 - mean)
+/ std for uint16, with one mean and std per channel.
 """
 from __future__ import annotations
 
@@ -40,11 +45,34 @@ def resize_window(image: np.ndarray, mask: np.ndarray, out_hw, top: int, left: i
     h, w = mask.shape
     sy, sx = h / out_hw[0], w / out_hw[1]
     box = (left * sx, top * sy, (left + cols) * sx, (top + rows) * sy)
-    img = np.asarray(Image.fromarray(image).resize((cols, rows), Image.BILINEAR, box=box))
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+        img = np.asarray(Image.fromarray(image).resize((cols, rows), Image.BILINEAR, box=box))
+    else:
+        img = _resize_bands(image, (cols, rows), box)
     # The mask is resized whole: Pillow's NEAREST takes fixed-point steps, so a box would break ties
     # differently; one uint8 channel costs little.
     msk = np.asarray(Image.fromarray(mask).resize(out_hw[::-1], Image.NEAREST))[top:top + rows, left:left + cols]
     return img, msk
+
+
+def _resize_bands(image: np.ndarray, size, box) -> np.ndarray:
+    """Bilinear resize of any (H, W, C) integer image, one float32 band at a time, rounded back to its dtype."""
+    top = float(np.iinfo(image.dtype).max)
+    bands = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32), "F")
+                        .resize(size, Image.BILINEAR, box=box)) for c in range(image.shape[-1])]
+    return np.clip(np.rint(np.stack(bands, axis=-1)), 0, top).astype(image.dtype)
+
+
+def value_range(dtype) -> float:
+    """What the pipeline divides by before mean/std: 255 for uint8, 65535 for uint16 images."""
+    return 65535.0 if np.dtype(dtype) == np.uint16 else 255.0
+
+
+def _check_channels(image: np.ndarray, mean) -> None:
+    if image.ndim != 3 or image.shape[-1] != len(mean):
+        from segjax.errors import SegjaxError
+        raise SegjaxError(f"image of shape {image.shape} has {image.shape[-1] if image.ndim == 3 else 1} channel(s) "
+                          f"but mean/std give {len(mean)}; set in_channels, mean and std to the data set's band count")
 
 
 @functools.lru_cache(maxsize=8)
@@ -58,14 +86,14 @@ def _normalize_table(mean: tuple, std: tuple) -> tuple[np.ndarray, np.ndarray]:
 
 
 def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, rows: int = 16) -> np.ndarray:
-    """uint8 HWC -> float32 (x / 255 - mean) / std.
+    """uint8 HWC -> float32 (x / 255 - mean) / std; uint16 -> (x / 65535 - mean) / std.
 
     uint8 images are looked up in a 256-entry table per channel, `rows` image rows at a time: the
     gather's intp indices then stay in cache instead of a fresh 8-bytes-per-value array (whose page
     faults made a whole-image `np.take` slower than the arithmetic). Bit-identical to the arithmetic
     path and ~0.7 ms cheaper per 480x480 image (see docs/benchmarks.md)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != len(mean):
-        scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
+        scale = (1.0 / (value_range(image.dtype) * np.asarray(std, np.float32))).astype(np.float32)
         shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
         out = np.multiply(image, scale, dtype=np.float32)
         return np.subtract(out, shift, out=out)
@@ -82,17 +110,19 @@ def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD, rows: int
 def train_transform(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, crop_size, base_size: int,
                     scale_range=(0.5, 2.0), hflip: bool = True, vflip: bool = False,
                     mean=IMAGENET_MEAN, std=IMAGENET_STD, uint8: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """-> (float32 (ch, cw, 3) normalised image, int32 (ch, cw) mask with 255 in padding).
+    """-> (float32 (ch, cw, C) normalised image, int32 (ch, cw) mask with 255 in padding).
 
-    `uint8=True` returns the image un-normalised (uint8, C-contiguous) for normalising on the device."""
+    `uint8=True` returns the image un-normalised (its own dtype: uint8, or uint16 for multi-band data;
+    C-contiguous) for normalising on the device."""
     ch, cw = pair(crop_size)
     shorter = int(rng.integers(int(scale_range[0] * base_size), int(scale_range[1] * base_size), endpoint=True))
     rh, rw = resized_shape(*mask.shape, shorter)
     top = int(rng.integers(0, max(rh - ch, 0), endpoint=True))
     left = int(rng.integers(0, max(rw - cw, 0), endpoint=True))
     rows, cols = min(ch, rh - top), min(cw, rw - left)
+    _check_channels(image, mean)
     img, msk = resize_window(image, mask, (rh, rw), top, left, rows, cols)
-    out_img = np.zeros((ch, cw, 3), np.uint8)
+    out_img = np.zeros((ch, cw, image.shape[-1]), image.dtype)
     out_msk = np.full((ch, cw), VOID, np.uint8)
     out_img[:rows, :cols], out_msk[:rows, :cols] = img, msk
     if hflip and rng.random() < 0.5:
@@ -107,6 +137,7 @@ def train_transform(image: np.ndarray, mask: np.ndarray, rng: np.random.Generato
 def eval_transform(image: np.ndarray, mask: np.ndarray, *, pad_hw, base_size: int | None = None,
                    mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """-> (image padded to pad_hw, mask padded with 255, (h, w) of the valid top-left region)."""
+    _check_channels(image, mean)
     if base_size is not None:
         rh, rw = resized_shape(*mask.shape, base_size)
         image, mask = resize_window(image, mask, (rh, rw), 0, 0, rh, rw)
@@ -116,7 +147,7 @@ def eval_transform(image: np.ndarray, mask: np.ndarray, *, pad_hw, base_size: in
         from segjax.errors import SegjaxError
         raise SegjaxError(f"eval image of {h}x{w} does not fit eval_size {ph}x{pw}; raise eval_size or leave it "
                           "unset to use the largest image of the split")
-    out_img = np.zeros((ph, pw, 3), np.uint8)
+    out_img = np.zeros((ph, pw, image.shape[-1]), image.dtype)
     out_msk = np.full((ph, pw), VOID, np.uint8)
     out_img[:h, :w], out_msk[:h, :w] = image, mask
     return normalize(out_img, mean, std), out_msk.astype(np.int32), (h, w)

@@ -3,6 +3,11 @@
 Every problem becomes a one-line `SegjaxError` naming the file and the fix. Images in any common mode
 (grayscale, RGBA, CMYK, palette, 16-bit) are converted to 8-bit RGB without complaint; masks must
 hold class indices.
+
+Multi-band images (a data set whose `in_channels` is not 3, see segjax.data.folder) are read as they
+are by `decode_bands`: TIFF through tifffile (any band count, 8 or 16 bits), other formats through
+PIL; they are stored as uint16, 8-bit data scaled by 257 so that x / 65535 is the same value as the
+8-bit x / 255.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ VOID = 255  # the void / ignore label, here and in segjax.data.transforms' paddi
 
 class InvalidData(SegjaxError):
     """A file that training must not read as it is; `kind` says why ("corrupt", "rgb", "channels",
-    "size", "labels", "binary_0_255", "roi"), so `segjax.data.check` can count what it finds."""
+    "size", "labels", "binary_0_255", "roi"; multi-band images "bands", "dtype"), so `segjax.data.check`
+    can count what it finds."""
 
     def __init__(self, message: str, kind: str):
         super().__init__(message)
@@ -37,9 +43,69 @@ def _open(data: bytes, where: str) -> Image.Image:
 
 
 def image_size(data: bytes, where: str) -> tuple[int, int]:
-    """(height, width) of an image, decoded fully as `encode_image` does (truncated files fail here)."""
-    img = _open(data, where)
+    """(height, width) of an image, decoded fully as `encode_image` does (truncated files fail here).
+    A TIFF that PIL cannot open (multi-band, 16-bit colour) is read through tifffile."""
+    try:
+        img = _open(data, where)
+    except InvalidData:
+        if not is_tiff(data):
+            raise
+        return _read_tiff(data, where).shape[:2]
     return img.height, img.width
+
+
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+BAND_DTYPES = (np.uint8, np.uint16)
+
+
+def is_tiff(data: bytes) -> bool:
+    return data[:4] in TIFF_MAGIC
+
+
+def _read_tiff(data: bytes, where: str) -> np.ndarray:
+    """The first image of a TIFF as (H, W) or (H, W, bands); planar files (bands first) are moved last."""
+    try:
+        import tifffile
+    except ImportError:  # a core dependency; only a broken install lacks it
+        raise SegjaxError(f"{where}: reading multi-band TIFF needs tifffile; pip install tifffile") from None
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            series = tif.series[0]
+            a, axes = series.asarray(), series.axes
+    except Exception as e:  # tifffile raises several types for a bad file
+        raise InvalidData(f"{where}: corrupt or truncated TIFF ({type(e).__name__}: {e}); re-export it or drop it "
+                          "from the split", "corrupt") from None
+    if a.ndim == 3 and axes.endswith("YX"):  # planar, or one band per page: (bands, H, W)
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim not in (2, 3):
+        raise InvalidData(f"{where}: TIFF of shape {a.shape} (axes {axes}); expected one image of (height, width"
+                          "[, bands]), not a stack of pages", "channels")
+    return a
+
+
+def decode_bands(data: bytes, where: str, in_channels: int) -> np.ndarray:
+    """(H, W, in_channels) uint16 of a multi-band image: TIFF through tifffile, anything else through
+    PIL as stored (no colour conversion). 8-bit values are scaled by 257 (0..255 -> 0..65535), so the
+    pipeline's x / 65535 equals x / 255 of the 8-bit data. A band count other than `in_channels`, or a
+    sample type other than 8 / 16-bit unsigned, raises one line naming the file."""
+    if is_tiff(data):
+        a = _read_tiff(data, where)
+    else:
+        img = _open(data, where)
+        a = np.asarray(img)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L") and a.size and 0 <= a.min() and a.max() <= 65535:
+            a = a.astype(np.uint16)
+    bands = 1 if a.ndim == 2 else a.shape[-1]
+    if bands != in_channels:
+        raise InvalidData(f"{where}: image has {bands} band(s) where in_channels={in_channels} was asked; "
+                          f"export it with {in_channels} bands or set in_channels={bands}", "bands")
+    if a.dtype not in BAND_DTYPES:
+        raise InvalidData(f"{where}: image samples are {a.dtype}; multi-band images must be 8 or 16-bit unsigned "
+                          "integers (rescale floats to 0-65535 and save as uint16)", "dtype")
+    a = a.reshape(a.shape[0], a.shape[1], in_channels)
+    if a.dtype == np.uint8:
+        return a.astype(np.uint16) * np.uint16(257)
+    return np.ascontiguousarray(a)
 
 
 def _to_uint8(img: Image.Image) -> Image.Image:

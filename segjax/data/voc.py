@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import io
 
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -29,11 +30,16 @@ CLASS_NAMES = (
     "tvmonitor")
 
 
-def segmentation_features() -> tfds.features.FeaturesDict:
+def segmentation_features(in_channels: int = 3) -> tfds.features.FeaturesDict:
     # encoding_format=None: images are stored as given (original JPEG bytes, or lossless PNG for
-    # anything that had to be converted to RGB); masks are single-channel 'L' PNGs.
+    # anything that had to be converted to RGB); masks are single-channel 'L' PNGs. Other channel
+    # counts (multi-band folder data sets) store the image as a zlib-compressed uint16 (H, W, C) tensor.
+    if in_channels == 3:
+        image = tfds.features.Image(shape=(None, None, 3), encoding_format=None)
+    else:
+        image = tfds.features.Tensor(shape=(None, None, in_channels), dtype=np.uint16, encoding="zlib")
     return tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3), encoding_format=None),
+        "image": image,
         "segmentation_mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
         "file_name": tfds.features.Text(),
     })
