@@ -10,6 +10,12 @@ layout: the key "a.b.c.<leaf>" lands at ("a", "b", "c", <flax leaf>) with
     running_mean / running_var               -> batch_stats mean / var
     num_batches_tracked                      -> dropped
 
+`in_channels=N` (`segjax convert ... --set in_channels=N`) adapts RGB weights to N input channels
+(see `adapt_input_channels`): every kernel the input reaches directly gets the mean of its RGB filters
+times 3 / N in each of its N input channels, so an input whose N channels all hold a grey image gets
+the response the RGB net gives that grey image; mean/std become N copies of the RGB mean and std's
+means, and segjax.json records "in_channels". N == 3 changes nothing (docs/in_channels.md).
+
 A layout (see `register_layout`) may rename keys first, where a reference's names cannot be
 mirrored (e.g. our flat module list vs a Sequential nested differently). The converted tree is
 checked against the model's own shapes; any missing, unexpected or mis-shaped key is an error
@@ -332,14 +338,54 @@ def model_shapes(model, image_size: int = 64, in_channels: int = 3) -> dict:
     return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
 
 
+def adapt_input_channels(model, variables: Mapping, source_channels: int, in_channels: int,
+                         what: str = "model") -> dict:
+    """`variables` of `model` taking `source_channels` (RGB: 3) input channels, rewritten for `in_channels`.
+
+    The leaves to adapt are found without naming them: exactly those whose shapes differ between the
+    model initialised with `source_channels` and with `in_channels` inputs (the kernels the input
+    reaches first; any model, any layout). Each must be a 4-D (kh, kw, cin, cout) kernel whose cin is
+    the channel count; it becomes
+
+        w_new[:, :, c, :] = mean over the source channels of w * source_channels / in_channels
+
+    for every one of the `in_channels` channels, so an input whose channels all hold the same grey
+    image g gives exactly the response of the source net to (g, g, g)."""
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise SegjaxError(f"in_channels={in_channels!r}: give the number of input channels, an integer >= 1")
+    if in_channels == source_channels:
+        return dict(variables)
+    before = _flatten(model_shapes(model, in_channels=source_channels))
+    after = _flatten(model_shapes(model, in_channels=in_channels))
+    changed = [p for p in after if p in before and tuple(before[p].shape) != tuple(after[p].shape)]
+    if not changed:
+        raise SegjaxError(f"{what}: no weight depends on the number of input channels; in_channels={in_channels} "
+                          "cannot be applied")
+    flat = {c: dict(_flatten(v)) for c, v in variables.items()}
+    for path in changed:
+        old, new = tuple(before[path].shape), tuple(after[path].shape)
+        if len(old) != 4 or old[2] != source_channels or new != old[:2] + (in_channels,) + old[3:]:
+            raise SegjaxError(f"{what}: {'/'.join(map(str, path))} changes from {old} to {new} with the input "
+                              "channels, which is not a first convolution's kernel; in_channels cannot be applied")
+        w = np.asarray(flat[path[0]][path[1:]], np.float32)
+        mean = w.mean(axis=2, keepdims=True) * (source_channels / in_channels)
+        flat[path[0]][path[1:]] = np.ascontiguousarray(np.repeat(mean, in_channels, axis=2), np.float32)
+    return {c: _unflatten(e) for c, e in flat.items()}
+
+
 # ------------------------------------------------------------------------------------- public API
 
 def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray], **kw) -> tuple[dict, dict]:
     """(variables, meta) for model `name`: the layout that recognises the state_dict converts it, and
-    meta holds what `segjax.json` records (model, model_kwargs, num_classes, mean, std, ...)."""
+    meta holds what `segjax.json` records (model, model_kwargs, num_classes, mean, std, in_channels, ...).
+
+    `in_channels=N` (not a model option) adapts the weights' first convolution to N input channels by
+    the rule of `adapt_input_channels` (mean of the RGB filters x 3 / N in every channel), and mean/std
+    to N copies of the means of the weights' mean and std; N == 3 changes nothing."""
     from segjax import models
 
     layout = layout_for(name, state_dict)
+    wanted_channels = kw.pop("in_channels", None)
     options = {k: kw.pop(k) for k in layout.options if k in kw}
     inferred = dict(layout.infer_kwargs(state_dict)) if layout.infer_kwargs else {}
     kw = {**inferred, **kw}
@@ -358,13 +404,19 @@ def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray], **kw) ->
         in_channels = int(np.shape(state_dict[layout.input_conv])[1])
     target = model_shapes(model, in_channels=in_channels)
     check_fits(variables, target, f"state_dict for {name} (num_classes={kw['num_classes']})")
+    variables = {k: variables.get(k, {}) for k in target}
+    mean, std = [float(m) for m in layout.mean], [float(v) for v in layout.std]
+    if wanted_channels is not None and wanted_channels != in_channels:
+        variables = adapt_input_channels(model, variables, in_channels, wanted_channels, f"model {name}")
+        mean, std = [float(np.mean(mean))] * wanted_channels, [float(np.mean(std))] * wanted_channels
+        in_channels = wanted_channels
     meta = {"model": name, "model_kwargs": json_kwargs(kw), "num_classes": int(kw["num_classes"]),
-            "mean": list(layout.mean), "std": list(layout.std)}
+            "mean": mean, "std": std, "in_channels": in_channels}
     if layout.reference:
         meta["layout"] = layout.reference
     if options:
         meta["conversion"] = json_kwargs(options)
-    return {k: variables.get(k, {}) for k in target}, meta
+    return variables, meta
 
 
 def json_kwargs(kw: Mapping[str, Any]) -> dict:
