@@ -70,6 +70,14 @@ def test_four_band_uint16_folder_prepares_and_loads_normalised_by_65535(tmp_path
     assert any(np.allclose(first, img[t:t + 16, l:l + 16], atol=1e-4)
                for img in images for t in range(9) for l in range(9))
 
+    # uint8_batches: the raw uint16 crops, normalised on the device by the same rule.
+    raw = next(iter(data.make_train_loader(train, batch_size=2, crop_size=16, base_size=24, scale_range=(1.0, 1.0),
+                                           hflip=False, mean=MEAN, std=STD, shard_index=0, shard_count=1,
+                                           uint8_images=True)))
+    assert raw["image"].dtype == np.uint16
+    on_device = data.pipeline.normalize_on_device(raw, mean=MEAN, std=STD)["image"]
+    np.testing.assert_allclose(np.asarray(on_device), batch["image"], rtol=0, atol=1e-5)
+
 
 def test_eight_bit_bands_are_scaled_to_the_uint16_range(tmp_path):
     a = np.arange(5 * 6 * 2, dtype=np.uint8).reshape(5, 6, 2) * 4
