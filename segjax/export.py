@@ -1,0 +1,440 @@
+"""Deployable inference artifacts: a serialised `jax.export` (StableHLO) module, optional ONNX, and model.json.
+
+`export(model, variables, meta, out_dir)` writes into `out_dir`:
+
+- `model.stablehlo`: `jax.export.export(jax.jit(f)).serialize()` of `f(x) = model.apply(variables, x)["out"]`
+  (or its probabilities), weights baked in. Input: (N, H, W, 3) float32 RGB images scaled to 0-1 and
+  normalised with model.json's mean/std. Output: (N, H, W, C) float32 at the input's H, W. The batch is
+  symbolic; H and W are symbolic too where the model allows it (`symbolic=True`), otherwise fixed at
+  `example_size`. It runs with jax alone: `jax.export.deserialize(data).call(x)` (lowered for CPU and
+  CUDA by default).
+- `model.onnx` (with `onnx=True`): the same function through jax2onnx, checked with onnxruntime.
+- `model.json`: what a runtime needs besides the graph: normalisation, layout, output kind, class
+  names, palette, output stride, which dimensions are symbolic (and their constraints), versions.
+
+Everything is written into a temporary folder beside `out_dir` and moved into place at the end, so a
+failure leaves no partial export. Convolutions are traced with segjax's plain `lax` lowering
+(`nn.conv_lowering("native")`): the CPU rewrites depend on concrete sizes and on the host backend.
+
+Symbolic H and W: segjax's resize and its pooling/crop arithmetic build index tables from concrete
+sizes, so most models cannot take free H, W. `export` tries free H, W first, then H, W constrained
+to multiples of the model's output stride (`h = k * stride`), and otherwise raises a SegjaxError that
+names the culprit and points at `symbolic=False` (fixed H, W; the batch stays symbolic).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import traceback
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segjax import __version__
+from segjax.errors import SegjaxError
+
+FORMAT = "segjax-export"
+FORMAT_VERSION = 1
+STABLEHLO_FILE = "model.stablehlo"
+ONNX_FILE = "model.onnx"
+MANIFEST_FILE = "model.json"
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+ONNX_TOLERANCE = 1e-4  # max |onnxruntime - jax| relative to max |jax|
+STABLEHLO_TOLERANCE = 1e-5  # the same for the deserialised artifact against segjax's own apply
+INSTALL_HINT = 'pip install "segjax[export]"'
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------------------------- metadata
+
+def _task(meta: dict) -> str:
+    return meta.get("task") or ("saliency" if str(meta.get("model", "")).startswith("u2net") else "segmentation")
+
+
+def _class_names(meta: dict, num_classes: int, task: str) -> list[str]:
+    names = meta.get("class_names")
+    if not names and task == "saliency":
+        names = ["salient"] if num_classes == 1 else None
+    if not names and meta.get("dataset"):
+        try:
+            from segjax import data
+            names = list(data.class_names(meta["dataset"]))
+        except Exception:  # a data set segjax cannot name (not prepared here, or custom)
+            names = None
+    names = list(names or [])
+    if len(names) != num_classes:
+        names = [str(i) for i in range(num_classes)]
+    return [str(n) for n in names]
+
+
+def _palette(num_classes: int, task: str) -> list[list[int]] | None:
+    if task == "saliency":
+        return None
+    from segjax.data.synthetic import voc_palette
+    pal = voc_palette()
+    return [pal[3 * (i % 256): 3 * (i % 256) + 3] for i in range(num_classes)]
+
+
+def _jsonable(v):
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (np.integer, np.floating)):
+        return v.item()
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)
+
+
+def _output_stride(model, variables, example_size, num_classes) -> dict:
+    from segjax import analysis
+    shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
+    try:
+        return analysis.output_stride(model, example_size, variables=shapes, num_classes=num_classes)
+    except Exception:  # a model whose intermediates cannot be probed: leave the stride out
+        return {"feature": None, "logits": None}
+
+
+# ------------------------------------------------------------------------------------- tracing
+
+def _where(e: BaseException) -> str:
+    """file:line of the innermost segjax frame of `e` (where a model needed a concrete size)."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}segjax{os.sep}" in f.filename
+              and not f.filename.endswith(f"{os.sep}export.py")]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {os.path.join(os.path.basename(os.path.dirname(f.filename)), os.path.basename(f.filename))}:{f.lineno}"
+
+
+def _reason(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (first[:160] + "...") if len(first) > 160 else first
+
+
+def _inference_fn(model, variables, task: str, probabilities: bool):
+    def fn(x):
+        logits = model.apply(variables, x, train=False)["out"]
+        if not probabilities:
+            return logits
+        return jax.nn.sigmoid(logits) if task == "saliency" else jax.nn.softmax(logits, axis=-1)
+    return fn
+
+
+def _spec(shape: str) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(jax.export.symbolic_shape(shape), jnp.float32)
+
+
+def _symbolic_attempts(stride, example_size) -> list[tuple[str, str | None]]:
+    """(shape spec, constraint text) to try in order: free H, W, then multiples of the output stride."""
+    attempts = [("b, h, w, 3", None)]
+    strides = stride if isinstance(stride, (tuple, list)) else (stride, stride)
+    if all(isinstance(s, int) and s > 1 for s in strides):
+        sh, sw = strides
+        attempts.append((f"b, {sh}*h, {sw}*w, 3", f"H a multiple of {sh}, W a multiple of {sw}"))
+    return attempts
+
+
+def _trace(fn, spec: jax.ShapeDtypeStruct, platforms):
+    from segjax import nn as snn
+    with snn.conv_lowering("native"):
+        return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(spec)
+
+
+def _rel_diff(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+# ------------------------------------------------------------------------------------- ONNX
+
+def _onnx_modules():
+    try:
+        import jax2onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except Exception:
+        raise SegjaxError(f"ONNX export needs jax2onnx and onnxruntime, which are not installed; {INSTALL_HINT}") \
+            from None
+    return jax2onnx, onnxruntime
+
+
+def _to_onnx(fn, spec: jax.ShapeDtypeStruct, name: str):
+    """ONNX ModelProto of `fn` at `spec`.
+
+    The function is traced to a jaxpr here, before jax2onnx runs, and jax2onnx converts the replayed
+    jaxpr: jax2onnx swaps flax.linen/jax.numpy functions for its own during its trace, and some of those
+    stand-ins do not accept every call segjax makes (e.g. `flax.linen.max_pool` with positional
+    window/strides). Convolutions use the plain lax lowering (ONNX Conv).
+    """
+    jax2onnx, _ = _onnx_modules()
+    from segjax import nn as snn
+    with snn.conv_lowering("native"):
+        closed = jax.make_jaxpr(fn)(spec)
+
+    def replay(x):
+        return _replay(closed.jaxpr, closed.consts, x)[0]
+
+    return jax2onnx.to_onnx(replay, [spec], model_name=name, input_names=["image"],
+                            output_names=["probabilities" if "prob" in name else "logits"])
+
+
+_INLINED = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call")
+
+
+def _max_pool_3d(x, window, strides, padding):
+    """An NHWC (1, kh, kw, 1) window max as a 3-D (N*C, H, W) one: jax2onnx emits lax's reduce_window_max
+    as an ONNX MaxPool with one kernel dimension per operand dimension, and onnxruntime pools over at
+    most three; the 2-D pool of the images does not change."""
+    n, h, w, c = x.shape
+    y = jnp.transpose(x, (0, 3, 1, 2)).reshape(n * c, h, w)
+    y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, window[1], window[2]), (1, strides[1], strides[2]),
+                              ((0, 0), tuple(padding[1]), tuple(padding[2])))
+    return jnp.transpose(y.reshape(n, c, *y.shape[1:]), (0, 2, 3, 1))
+
+
+def _replay(jaxpr, consts, *args):
+    """Evaluate `jaxpr` with calls inlined and NHWC max pools rewritten for ONNX (see `_max_pool_3d`)."""
+    from jax.extend import core as jcore
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for var, val in zip(jaxpr.constvars, consts):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args):
+        env[var] = val
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+        p = eqn.params
+        if isinstance(sub, jcore.ClosedJaxpr) and eqn.primitive.name in _INLINED:
+            outvals = _replay(sub.jaxpr, sub.consts, *invals[len(invals) - len(sub.jaxpr.invars):])
+        elif (eqn.primitive.name == "reduce_window_max" and len(p["window_dimensions"]) == 4
+              and p["window_dimensions"][0] == p["window_dimensions"][3] == 1
+              and tuple(p["window_strides"])[::3] == (1, 1)
+              and all(d == 1 for d in p.get("base_dilation", (1,) * 4))
+              and all(d == 1 for d in p.get("window_dilation", (1,) * 4))
+              and tuple(p["padding"][0]) == tuple(p["padding"][3]) == (0, 0)):
+            outvals = [_max_pool_3d(invals[0], p["window_dimensions"], p["window_strides"], p["padding"])]
+        else:
+            outvals = eqn.primitive.bind(*invals, **eqn.params)
+            outvals = outvals if eqn.primitive.multiple_results else [outvals]
+        for var, val in zip(eqn.outvars, outvals):
+            env[var] = val
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _onnx_run(proto_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    _, ort = _onnx_modules()
+    sess = ort.InferenceSession(proto_bytes, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def onnx_export(fn, example_size, name: str, spatial: tuple | None = None, x: np.ndarray | None = None,
+                ref: np.ndarray | None = None):
+    """(serialised ONNX, symbolic dim names, relative max-abs difference or None, failed attempts) of `fn`.
+
+    Tries symbolic H, W (`spatial`: the StableHLO artifact's H, W specs, when those were symbolic), then
+    a symbolic batch at example_size, then batch 1. With `x` and `ref` (jax's output on x), each
+    conversion is run with onnxruntime on x (its first image where the batch is fixed) and kept only
+    when it loads, runs and agrees with `ref` within ONNX_TOLERANCE.
+    """
+    h, w = example_size
+    tries = []
+    if spatial is not None:
+        tries.append((f"B, {spatial[0]}, {spatial[1]}, 3", ["batch", "height", "width"]))
+    tries += [(f"B, {h}, {w}, 3", ["batch"]), (f"1, {h}, {w}, 3", [])]
+    errors = []
+    for shape, dims in tries:
+        try:
+            data = _to_onnx(fn, _spec(shape), name).SerializeToString()
+        except SegjaxError:
+            raise
+        except Exception as e:  # noqa: BLE001  the next, more static, shape
+            errors.append(f"jax2onnx at ({shape}): {type(e).__name__}: {_reason(e)}{_where(e)}")
+            continue
+        diff = None
+        if x is not None:
+            xb = x if "batch" in dims else x[:1]
+            try:
+                got = _onnx_run(data, xb)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"onnxruntime at ({shape}): {_reason(e)}")
+                continue
+            diff = _rel_diff(got, ref[: xb.shape[0]])
+            if not diff <= ONNX_TOLERANCE:
+                errors.append(f"onnxruntime at ({shape}): relative max-abs difference {diff:.1e} > {ONNX_TOLERANCE:g}")
+                continue
+        return data, dims, diff, errors
+    raise SegjaxError(f"{name}: no ONNX model that onnxruntime runs correctly ({errors[-1]})")
+
+
+# ------------------------------------------------------------------------------------- export
+
+def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = False, symbolic: bool = True,
+           onnx: bool = False, example_size: Sequence[int] = (64, 64),
+           platforms: Sequence[str] = DEFAULT_PLATFORMS, check: bool = True) -> dict:
+    """Write model.stablehlo, model.json (and model.onnx with `onnx=True`) into `out_dir`; return model.json's dict.
+
+    model, variables: a segjax model and its variables ({"params", "batch_stats"}).
+    meta: checkpoint meta ("model", "model_kwargs", "num_classes", "task", "mean", "std", "dataset").
+    probabilities: output softmax probabilities (sigmoid for saliency) instead of logits.
+    symbolic: symbolic H and W (the batch is always symbolic); raises SegjaxError for a model that
+        needs concrete sizes (then pass symbolic=False: H, W fixed at example_size).
+    onnx: also write model.onnx via jax2onnx, checked against jax with onnxruntime.
+    example_size: (H, W) traced for the fixed-size export, used for the checks and the stride probe.
+    platforms: the jax.export lowering platforms of model.stablehlo.
+    check: run the deserialised artifact (and the ONNX model) once against the model and refuse
+        to write one that disagrees (relative max-abs difference above 1e-5, 1e-4 for ONNX).
+    """
+    h, w = (int(s) for s in example_size)
+    if h < 1 or w < 1:
+        raise SegjaxError(f"example size {h}x{w}: give a positive height and width")
+    if onnx:
+        _onnx_modules()
+    name = meta.get("model") or type(model).__name__
+    task = _task(meta)
+    num_classes = int(meta.get("num_classes") or getattr(model, "num_classes", 0) or 0)
+    if not num_classes:
+        raise SegjaxError(f"{name}: the meta does not say the number of classes")
+    mean = [float(v) for v in meta.get("mean") or _IMAGENET_MEAN]
+    std = [float(v) for v in meta.get("std") or _IMAGENET_STD]
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SegjaxError(f"{out_dir}: the export folder is a file; pick another folder")
+
+    fn = _inference_fn(model, variables, task, probabilities)
+    stride = _output_stride(model, variables, (h, w), num_classes)
+
+    # ---- StableHLO
+    constraint, exported = None, None
+    if symbolic:
+        failures = []
+        for shape, why in _symbolic_attempts(stride["feature"], (h, w)):
+            try:
+                exported = _trace(fn, _spec(shape), platforms)
+                constraint = why
+                break
+            except Exception as e:  # noqa: BLE001  shape polymorphism refused: try the next constraint
+                failures.append(f"{_reason(e)}{_where(e)}")
+        if exported is None:
+            raise SegjaxError(f"{name} cannot be exported with symbolic height/width: it needs concrete sizes "
+                              f"({failures[-1]}); export a fixed size instead (symbolic=False, "
+                              f"{h}x{w} from example_size)")
+    else:
+        try:
+            exported = _trace(fn, _spec(f"b, {h}, {w}, 3"), platforms)
+        except Exception as e:  # noqa: BLE001
+            raise SegjaxError(f"{name}: jax.export failed at {h}x{w}: {_reason(e)}{_where(e)}") from None
+    in_shape = [str(d) if not isinstance(d, int) else d for d in exported.in_avals[0].shape]
+    out_shape = [str(d) if not isinstance(d, int) else d for d in exported.out_avals[0].shape]
+    blob = exported.serialize()
+
+    report = {}
+    x = np.random.RandomState(0).standard_normal((2, h, w, 3)).astype(np.float32)
+    ref = None
+    if check:
+        ref = np.asarray(jax.jit(fn)(x))
+        if "cpu" in exported.platforms or jax.default_backend() in exported.platforms:
+            got = np.asarray(jax.export.deserialize(blob).call(x))
+            report["stablehlo_rel_max_abs_diff"] = _rel_diff(got, ref)
+            if report["stablehlo_rel_max_abs_diff"] > STABLEHLO_TOLERANCE:
+                raise SegjaxError(f"{name}: the exported StableHLO disagrees with the model (relative max-abs "
+                                  f"difference {report['stablehlo_rel_max_abs_diff']:.1e} > {STABLEHLO_TOLERANCE:g})")
+
+    # ---- ONNX
+    onnx_bytes, onnx_info = None, None
+    if onnx:
+        spatial = None
+        if symbolic:
+            spatial = tuple(str(d) for d in exported.in_avals[0].shape[1:3])
+        onnx_bytes, onnx_dims, diff, onnx_fallbacks = onnx_export(
+            fn, (h, w), f"{name}_{'probabilities' if probabilities else 'logits'}", spatial,
+            x if check else None, ref)
+        onnx_info = {"file": ONNX_FILE, "symbolic_dims": onnx_dims, "opset": None,
+                     "jax2onnx_version": _version("jax2onnx"), "onnxruntime_version": _version("onnxruntime")}
+        try:
+            import onnx as onnx_lib
+            onnx_info["opset"] = max(o.version for o in onnx_lib.load_from_string(onnx_bytes).opset_import
+                                     if o.domain in ("", "ai.onnx"))
+        except Exception:  # noqa: BLE001  the opset is informative only
+            pass
+        if onnx_fallbacks:
+            onnx_info["fallbacks"] = onnx_fallbacks  # the more symbolic shapes tried first, and why they failed
+        if diff is not None:
+            report["onnx_rel_max_abs_diff"] = diff
+
+    symbolic_dims = ["batch"] + (["height", "width"] if symbolic else [])
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "segjax_version": __version__,
+        "model": name, "model_kwargs": _jsonable(meta.get("model_kwargs") or {}), "task": task,
+        "num_classes": num_classes, "dataset": meta.get("dataset"),
+        "input": {
+            "layout": "NHWC", "dtype": "float32", "channels": "RGB", "shape": in_shape,
+            "normalisation": "x = (rgb / 255 - mean) / std", "mean": mean, "std": std,
+            "symbolic_dims": symbolic_dims, "constraints": constraint, "example_size": [h, w],
+        },
+        "output": {
+            "kind": "probabilities" if probabilities else "logits", "layout": "NHWC", "dtype": "float32",
+            "shape": out_shape, "size": "the input's height and width",
+            "activation": ("sigmoid" if task == "saliency" else "softmax"),
+            "activation_applied": bool(probabilities),
+            "decode": "saliency = sigmoid(channel 0)" if task == "saliency" else "label = argmax over the last axis",
+        },
+        "class_names": _class_names(meta, num_classes, task),
+        "palette": _palette(num_classes, task),
+        "output_stride": _jsonable(stride["feature"]), "logits_stride": _jsonable(stride["logits"]),
+        "stablehlo": {"file": STABLEHLO_FILE, "platforms": list(exported.platforms), "jax_version": jax.__version__,
+                      "calling_convention_version": exported.calling_convention_version,
+                      "load": "jax.export.deserialize(open(file, 'rb').read()).call(x)"},
+        "onnx": onnx_info,
+        "checks": report,
+    }
+
+    # ---- write: all into a temporary folder, then moved into place
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    from segjax.errors import writes_to
+    with writes_to(parent, "export folder"):
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", suffix=".tmp", dir=parent)
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the export is an ordinary folder
+            with open(os.path.join(tmp, STABLEHLO_FILE), "wb") as f:
+                f.write(blob)
+            if onnx_bytes is not None:
+                with open(os.path.join(tmp, ONNX_FILE), "wb") as f:
+                    f.write(onnx_bytes)
+            with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
+                json.dump(manifest, f, indent=2)
+                f.write("\n")
+            if not os.path.exists(out_dir):
+                os.rename(tmp, out_dir)
+            else:
+                if not onnx and os.path.exists(os.path.join(out_dir, ONNX_FILE)):
+                    os.remove(os.path.join(out_dir, ONNX_FILE))  # a stale ONNX from an earlier export
+                for fname in os.listdir(tmp):
+                    os.replace(os.path.join(tmp, fname), os.path.join(out_dir, fname))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _version(package: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(package)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def load_manifest(out_dir: str) -> dict:
+    with open(os.path.join(out_dir, MANIFEST_FILE)) as f:
+        return json.load(f)
