@@ -109,7 +109,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
                                                                 or overrides[i + 1].startswith("--")):
             raise SegjaxError(f"{arg}: missing value; write {arg}=VALUE")
     flag_values = flags.FlagValues()
-    argv = ["segjax", *overrides]
+    argv = ["segjax", *(_json_dict_as_literal(config, arg) for arg in overrides)]
     try:  # the override flags are defined from argv, so an unknown key fails already here
         config_flags.DEFINE_config_dict("config", ml_collections.ConfigDict(config.to_dict()),
                                         flag_values=flag_values, lock_config=True, sys_argv=argv)
@@ -117,8 +117,19 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     except (AttributeError, KeyError):  # a key the recipe does not have
         raise _first_unknown_key(config, overrides) from None
     except flags.Error as e:
-        raise _bad_value(config, str(e)) from None
+        raise _bad_value(config, overrides, str(e)) from None
     return flag_values.config
+
+
+def _json_dict_as_literal(config, arg: str) -> str:
+    """A dict value may be JSON (`{"bilinear": true}`): config_flags reads Python literals."""
+    key, sep, raw = arg[len("--config."):].partition("=")
+    if not (arg.startswith("--config.") and sep and raw.lstrip().startswith("{")):
+        return arg
+    try:
+        return f"--config.{key}={json.loads(raw)!r}"
+    except json.JSONDecodeError:
+        return arg
 
 
 def _first_unknown_key(config, overrides: list[str]) -> SegjaxError:
@@ -144,17 +155,18 @@ def _unknown_key(config, key: str) -> SegjaxError | None:
     return None
 
 
-def _bad_value(config, message: str) -> SegjaxError:
+def _bad_value(config, overrides: list[str], message: str) -> SegjaxError:
     """absl's "flag --config.k=v: why" -> "--config.k=v: expected <the recipe's type>"."""
-    m = re.search(r"--config\.([\w.]+)=(.*?): ", message)
-    if not m:
-        return SegjaxError(message.splitlines()[0])
-    key, raw = m[1], m[2]
-    current = config
-    for part in key.split("."):
-        current = current[part]
-    kind = _KINDS.get(type(current), f"a {type(current).__name__}")
-    return SegjaxError(f"--config.{key}={raw}: expected {kind} (like {current!r})")
+    for arg in overrides:
+        key, _, raw = arg[len("--config."):].partition("=")
+        if arg.startswith("--config.") and f"--config.{key}=" in message:
+            current = config
+            for part in key.split("."):
+                current = current[part]
+            like = current.to_dict() if isinstance(current, ml_collections.ConfigDict) else current
+            kind = _KINDS.get(type(current), f"a {type(current).__name__}")
+            return SegjaxError(f"--config.{key}={raw}: expected {kind} (like {like!r})")
+    return SegjaxError(message.splitlines()[0])
 
 
 def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:

@@ -115,7 +115,8 @@ def load_for_inference(path: str) -> tuple[InferenceModel, dict]:
     if not num_classes:
         raise SegjaxError(f"{path}: the checkpoint does not say its number of classes")
     model = models.create(meta["model"], num_classes, **kw)
-    check_fits(variables, model_shapes(model), f"{path} (saved as model={meta['model']}, num_classes={num_classes})")
+    check_fits(variables, model_shapes(model, in_channels=int(meta.get("in_channels", 3))),
+               f"{path} (saved as model={meta['model']}, num_classes={num_classes})")
     task = meta.get("task") or ("saliency" if meta["model"].startswith("u2net") else "segmentation")
     if "mean" not in meta or "std" not in meta:  # written before checkpoints carried their normalisation
         from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD

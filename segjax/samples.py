@@ -32,7 +32,7 @@ def grid(images: np.ndarray, masks: np.ndarray, probs: np.ndarray, task: str = "
         h, w = (int(v) for v in valid_hw[k]) if valid_hw is not None else images[k].shape[:2]
         if h == 0 or w == 0:  # a filler example of the last eval batch
             continue
-        image = np.clip(np.rint(images[k][:h, :w]), 0, 255).astype(np.uint8)
+        image = _rgb(np.clip(np.rint(images[k][:h, :w]), 0, 255).astype(np.uint8))
         mask = np.asarray(masks[k][:h, :w]).astype(np.int64)
         if task == "saliency":
             truth = np.where(mask == 255, 128, np.clip(mask, 0, 1) * 255).astype(np.uint8)
@@ -51,6 +51,11 @@ def grid(images: np.ndarray, masks: np.ndarray, probs: np.ndarray, task: str = "
             y, x = i * (cell_h + GAP), j * (cell_w + GAP)
             out[y:y + cell.shape[0], x:x + cell.shape[1]] = cell
     return out
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """The first three bands of a multi-band image; one band (or two: the first) as grey."""
+    return image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, -1)
 
 
 def save(workdir: str, step: int, picture: np.ndarray) -> str:

@@ -81,6 +81,10 @@ def setup(config, workdir: str) -> Run:
     os.makedirs(workdir, exist_ok=True)
     root = os.path.expanduser(config.data_dir) if config.data_dir else data.default_data_dir()
     _prepare_data(config, root, primary)
+    if data.in_channels(config.dataset, root) != config.in_channels:
+        raise SegjaxError(f"config.in_channels={config.in_channels} but data set '{config.dataset}' has "
+                          f"{data.in_channels(config.dataset, root)}-band images; use "
+                          f"--config.in_channels={data.in_channels(config.dataset, root)}")
     train_source = data.open_source(config.dataset, config.train_split, root)
     eval_source = data.open_source(config.dataset, config.eval_split, root)
     _check_num_classes(config, root)
@@ -205,9 +209,13 @@ def _sample_grid(config, source, parallel: S.DataParallel, apply_fn) -> Callable
 def _prepare_data(config, root: str, primary: bool) -> None:
     """Process 0 builds the data set first; the others then find it built (on a shared file system)
     or build their own copy (on local disks), never two writers on one directory at once."""
+    options = config.data_options.to_dict()
+    if config.in_channels != 3:  # a multi-band folder data set: the recipe need not say it twice
+        options.setdefault("in_channels", config.in_channels)
+
     def prepare():
         data.prepare(config.dataset, root, config.manual_dir or None, progress=primary,
-                     manual_dir_flag="--config.manual_dir=DIR", **config.data_options.to_dict())
+                     manual_dir_flag="--config.manual_dir=DIR", **options)
 
     if jax.process_count() == 1:
         prepare()

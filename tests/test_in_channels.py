@@ -171,7 +171,8 @@ def test_convert_resnet18_to_four_channels_keeps_the_grey_response(tmp_path):
 
 @pytest.mark.slow  # compiles a (tiny) UNet: ~1-3 minutes on a small CPU
 def test_tiny_training_run_on_four_bands(tmp_path):
-    """`segjax train` on the 4-band folder set. sample_images=0: the loop's sample grid pictures RGB."""
+    """`segjax train` on the 4-band folder set (config.in_channels reaches the data set too; the sample
+    grid pictures the first three bands), then `segjax eval` and `predict` of its checkpoint."""
     from segjax import cli
 
     make_bands(tmp_path / "data_src" / "bands")
@@ -179,14 +180,15 @@ def test_tiny_training_run_on_four_bands(tmp_path):
     code = cli.main([
         "train", "--workdir", str(workdir),
         "--config.dataset=folder:bands", f"--config.data_dir={data_dir}",
-        f"--config.manual_dir={tmp_path / 'data_src' / 'bands'}",
-        '--config.data_options={"in_channels": 4}',
+        f"--config.manual_dir={tmp_path / 'data_src' / 'bands'}", "--config.data_options={}",
         "--config.in_channels=4", "--config.mean=0.5,0.5,0.5,0.5", "--config.std=0.25,0.25,0.25,0.25",
         "--config.num_classes=3", "--config.model=unet",
         '--config.model_kwargs={"base_channels": 4, "bilinear": True}',
         "--config.num_steps=2", "--config.eval_every_steps=2", "--config.batch_size=2",
         "--config.eval_batch_size=2", "--config.base_size=24", "--config.crop_size=16",
-        "--config.sample_images=0", "--config.warmup_epochs=0", "--config.log_every_steps=1",
+        "--config.warmup_epochs=0", "--config.log_every_steps=1",
     ])
     assert code == 0
     assert data.in_channels("folder:bands", str(data_dir)) == 4
+    assert (workdir / "samples" / "step_2.png").is_file()
+    assert cli.main(["eval", "--workdir", str(workdir), "--data-dir", str(data_dir)]) == 0
