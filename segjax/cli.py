@@ -5,6 +5,7 @@ examples:
   segjax train --config deeplabv3_resnet50_voc --config.batch_size=8
   segjax eval --workdir runs/synthetic_unet            the metrics table of the best checkpoint
   segjax predict --checkpoint runs/synthetic_unet photo.jpg --out masks/
+  segjax export --checkpoint runs/synthetic_unet exported/   StableHLO + model.json (--onnx too)
   segjax inspect deeplabv3_resnet50 --size 513 513     parameters, FLOPs, output stride
   segjax convert deeplabv3_resnet50 deeplabv3_resnet50_coco.pth converted/
   segjax data prepare voc2012 --manual-dir ~/Downloads
@@ -179,6 +180,33 @@ def _run_predict(args):
     print(f"wrote {len(written)} files to {args.out}")
 
 
+# ------------------------------------------------------------------------------------------ export
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="a jax.export StableHLO artifact (+ model.json, optionally ONNX) of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a workdir, its checkpoints/ folder, a checkpoint step "
+                   "directory or a converted checkpoint")
+    p.add_argument("out_dir", help="output directory (model.stablehlo, model.json[, model.onnx])")
+    p.add_argument("--probabilities", action="store_true", help="output softmax (sigmoid) probabilities, not logits")
+    p.add_argument("--fixed-size", nargs=2, type=int, default=None, metavar=("H", "W"),
+                   help="export for one input size instead of symbolic H and W")
+    p.add_argument("--onnx", action="store_true", help='also model.onnx through jax2onnx (pip install "segjax[export]")')
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args):
+    from segjax import export, inference
+
+    _quiet_orbax()
+    loaded, meta = inference.load_for_inference(args.checkpoint)
+    size = tuple(args.fixed_size) if args.fixed_size else (64, 64)
+    with writes_to(args.out_dir, "output directory"):
+        export.export(loaded.model, loaded.variables, meta, args.out_dir, probabilities=args.probabilities,
+                      symbolic=args.fixed_size is None, onnx=args.onnx, example_size=size)
+    import os
+    print(f"wrote {args.out_dir}: {meta['model']} ({', '.join(sorted(os.listdir(args.out_dir)))})")
+
+
 # ------------------------------------------------------------------------------------------ inspect
 
 def _add_inspect(sub):
@@ -293,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (_add_train, _add_eval, _add_predict, _add_inspect, _add_convert, _add_data):
+    for add in (_add_train, _add_eval, _add_predict, _add_export, _add_inspect, _add_convert, _add_data):
         add(sub)
     return parser
 

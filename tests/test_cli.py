@@ -141,6 +141,15 @@ def test_tiled_predict_and_eval_match_whole_image_inference(trained, tmp_path, c
     assert "overlap" in capsys.readouterr().err and not (tmp_path / "no").exists()
 
 
+def test_export_of_a_trained_workdir(trained, tmp_path, capsys):
+    rc, root, workdir = trained
+    out = tmp_path / "exported"
+    assert cli.main(["export", "--checkpoint", str(workdir), str(out)]) == 0
+    assert {"model.stablehlo", "model.json"} <= set(os.listdir(out))
+    info = json.loads((out / "model.json").read_text())
+    assert info["class_names"][:2] == ["background", "disc"] and len(info["input"]["mean"]) == 3
+
+
 def test_bad_override_is_a_one_line_error_with_status_2(tmp_path):
     env = dict(os.environ, SEGJAX_DATA_DIR=str(tmp_path / "data"))
     for arg, expected in (("--config.batch_sise=8", "unknown key 'batch_sise'"),
