@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import traceback
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
