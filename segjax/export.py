@@ -344,7 +344,7 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
         if "cpu" in exported.platforms or jax.default_backend() in exported.platforms:
             got = np.asarray(jax.export.deserialize(blob).call(x))
             report["stablehlo_rel_max_abs_diff"] = _rel_diff(got, ref)
-            if report["stablehlo_rel_max_abs_diff"] > STABLEHLO_TOLERANCE:
+            if not report["stablehlo_rel_max_abs_diff"] <= STABLEHLO_TOLERANCE:  # NaN fails too
                 raise SegjaxError(f"{name}: the exported StableHLO disagrees with the model (relative max-abs "
                                   f"difference {report['stablehlo_rel_max_abs_diff']:.1e} > {STABLEHLO_TOLERANCE:g})")
 
