@@ -46,8 +46,6 @@ DEFAULT_PLATFORMS = ("cpu", "cuda")
 ONNX_TOLERANCE = 1e-4  # max |onnxruntime - jax| relative to max |jax|
 STABLEHLO_TOLERANCE = 1e-5  # the same for the deserialised artifact against segjax's own apply
 INSTALL_HINT = 'pip install "segjax[export]"'
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------------- metadata
@@ -304,8 +302,9 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
     num_classes = int(meta.get("num_classes") or getattr(model, "num_classes", 0) or 0)
     if not num_classes:
         raise SegjaxError(f"{name}: the meta does not say the number of classes")
-    mean = [float(v) for v in meta.get("mean") or _IMAGENET_MEAN]
-    std = [float(v) for v in meta.get("std") or _IMAGENET_STD]
+    from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # checkpoints older than their mean/std
+    mean = [float(v) for v in meta.get("mean") or IMAGENET_MEAN]
+    std = [float(v) for v in meta.get("std") or IMAGENET_STD]
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SegjaxError(f"{out_dir}: the export folder is a file; pick another folder")
 

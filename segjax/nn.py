@@ -28,7 +28,8 @@ ModuleDef = Any  # a Module class, or a functools.partial of one (or of `conv2d`
 
 
 def pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    """An int (numpy ones too) or an (h, w) pair as (h, w)."""
+    return (int(v), int(v)) if np.isscalar(v) else (int(v[0]), int(v[1]))
 
 
 # torchvision's ResNet/MobileNet/segmentation heads use kaiming_normal_(mode="fan_out", relu).

@@ -22,13 +22,10 @@ import numpy as np
 from PIL import Image
 
 from segjax.data.validate import VOID
+from segjax.nn import pair
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the one definition (segjax.convert imports it from here)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def pair(size) -> tuple[int, int]:
-    return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
 
 
 def resized_shape(h: int, w: int, shorter: int) -> tuple[int, int]:
