@@ -199,11 +199,15 @@ def _sample_grid(config, source, parallel: S.DataParallel, apply_fn) -> Callable
     batch = next(iter(data.make_eval_loader(source, batch_size=config.sample_images, base_size=config.base_size,
                                             mean=tuple(config.mean), std=tuple(config.std))))
     pixels = (batch["image"] * np.asarray(config.std) + np.asarray(config.mean)) * 255
-    images = jax.device_put(batch["image"], parallel.replicated)  # the same on every process
+    # Replicated: every process holds the same samples and gets the whole prediction back.
+    images = jax.make_array_from_process_local_data(parallel.replicated, batch["image"])
     probs_of = jax.jit(lambda variables, x: inference.predict_probs(apply_fn, variables, x, task=config.task),
                        out_shardings=parallel.replicated)
-    return lambda variables: samples.grid(pixels, batch["mask"], np.asarray(probs_of(variables, images)),
-                                          config.task, batch["valid_hw"])
+
+    def picture(variables):
+        probs = np.asarray(probs_of(variables, images).addressable_data(0))
+        return samples.grid(pixels, batch["mask"], probs, config.task, batch["valid_hw"])
+    return picture
 
 
 def _prepare_data(config, root: str, primary: bool) -> None:
