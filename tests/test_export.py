@@ -94,9 +94,10 @@ def test_manifest(unet_export):
 
 
 def test_fixed_size_model_refuses_symbolic_and_writes_nothing(tmp_path):
-    m = models.create("lraspp_mobilenet_v3_large", num_classes=3)
+    m = models.create("unet", num_classes=3, base_channels=4, bilinear=True)  # its bilinear resize needs sizes
     v = init_variables(m, (64, 64))
-    meta = {"model": "lraspp_mobilenet_v3_large", "num_classes": 3, "dataset": "no_such_data"}
+    meta = {"model": "unet", "model_kwargs": {"base_channels": 4, "bilinear": True}, "num_classes": 3,
+            "dataset": "no_such_data"}
     out = tmp_path / "export"
     with pytest.raises(SegjaxError, match="symbolic height/width.*symbolic=False") as e:
         E.export(m, v, meta, str(out))
