@@ -116,9 +116,14 @@ def _reason(e: BaseException) -> str:
     return (first[:160] + "...") if len(first) > 160 else first
 
 
-def _inference_fn(model, variables, task: str, probabilities: bool):
+def _inference_fn(model, variables, task: str, probabilities: bool, barrier: bool = True):
+    """x -> logits (or probabilities) with the weights baked in. `barrier` keeps XLA from constant-folding
+    through the baked weights: with them folded, XLA:CPU returned NaN / 1e17 for fcn32s_vgg16 (whose
+    zero-initialised score layer must give exactly 0), where the same function with the weights as
+    arguments gives 0. jax2onnx has no optimization_barrier, so the ONNX trace goes without it."""
     def fn(x):
-        logits = model.apply(variables, x, train=False)["out"]
+        weights = jax.lax.optimization_barrier(variables) if barrier else variables
+        logits = model.apply(weights, x, train=False)["out"]
         if not probabilities:
             return logits
         return jax.nn.sigmoid(logits) if task == "saliency" else jax.nn.softmax(logits, axis=-1)
@@ -338,8 +343,8 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
     report = {}
     x = np.random.RandomState(0).standard_normal((2, h, w, 3)).astype(np.float32)
     ref = None
-    if check:
-        ref = np.asarray(jax.jit(fn)(x))
+    if check:  # the model with its variables as arguments, as segjax runs it
+        ref = np.asarray(jax.jit(lambda v, x: _inference_fn(model, v, task, probabilities, False)(x))(variables, x))
         if "cpu" in exported.platforms or jax.default_backend() in exported.platforms:
             got = np.asarray(jax.export.deserialize(blob).call(x))
             report["stablehlo_rel_max_abs_diff"] = _rel_diff(got, ref)
@@ -354,7 +359,7 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
         if symbolic:
             spatial = tuple(str(d) for d in exported.in_avals[0].shape[1:3])
         onnx_bytes, onnx_dims, diff, onnx_fallbacks = onnx_export(
-            fn, (h, w), f"{name}_{'probabilities' if probabilities else 'logits'}", spatial,
+            _inference_fn(model, variables, task, probabilities, barrier=False), (h, w), f"{name}_{'probabilities' if probabilities else 'logits'}", spatial,
             x if check else None, ref)
         onnx_info = {"file": ONNX_FILE, "symbolic_dims": onnx_dims, "opset": None,
                      "jax2onnx_version": _version("jax2onnx"), "onnxruntime_version": _version("onnxruntime")}
