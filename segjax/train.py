@@ -78,7 +78,6 @@ class Run:
 def setup(config, workdir: str) -> Run:
     config_lib.check(config, jax.device_count())  # before any data, compile or workdir work
     primary = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
     root = os.path.expanduser(config.data_dir) if config.data_dir else data.default_data_dir()
     _prepare_data(config, root, primary)
     if data.in_channels(config.dataset, root) != config.in_channels:
@@ -104,6 +103,7 @@ def setup(config, workdir: str) -> Run:
     train_iter = _train_iterator(config, train_source, parallel, total_steps, steps_per_epoch)
 
     state = parallel.put_state(state)  # restore into the global layout: no cross-host copies afterwards
+    os.makedirs(workdir, exist_ok=True)  # only now: a run refused for its data or recipe leaves no workdir
     ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, config.best_metric)
     start, tree = ckpts.restore_latest(state.checkpoint_tree(), train_iter,
                                        lambda saved: _check_resumable(saved, config, workdir))
