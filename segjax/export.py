@@ -90,11 +90,12 @@ def _jsonable(v):
     return str(v)
 
 
-def _output_stride(model, variables, example_size, num_classes) -> dict:
+def _output_stride(model, variables, example_size, num_classes, channels: int = 3) -> dict:
     from segjax import analysis
     shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
     try:
-        return analysis.output_stride(model, example_size, variables=shapes, num_classes=num_classes)
+        return analysis.output_stride(model, example_size, variables=shapes, num_classes=num_classes,
+                                      channels=channels)
     except Exception:  # a model whose intermediates cannot be probed: leave the stride out
         return {"feature": None, "logits": None}
 
@@ -134,13 +135,13 @@ def _spec(shape: str) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(jax.export.symbolic_shape(shape), jnp.float32)
 
 
-def _symbolic_attempts(stride, example_size) -> list[tuple[str, str | None]]:
+def _symbolic_attempts(stride, example_size, channels: int = 3) -> list[tuple[str, str | None]]:
     """(shape spec, constraint text) to try in order: free H, W, then multiples of the output stride."""
-    attempts = [("b, h, w, 3", None)]
+    attempts = [(f"b, h, w, {channels}", None)]
     strides = stride if isinstance(stride, (tuple, list)) else (stride, stride)
     if all(isinstance(s, int) and s > 1 for s in strides):
         sh, sw = strides
-        attempts.append((f"b, {sh}*h, {sw}*w, 3", f"H a multiple of {sh}, W a multiple of {sw}"))
+        attempts.append((f"b, {sh}*h, {sw}*w, {channels}", f"H a multiple of {sh}, W a multiple of {sw}"))
     return attempts
 
 
@@ -241,7 +242,7 @@ def _onnx_run(proto_bytes: bytes, x: np.ndarray) -> np.ndarray:
 
 
 def onnx_export(fn, example_size, name: str, spatial: tuple | None = None, x: np.ndarray | None = None,
-                ref: np.ndarray | None = None):
+                ref: np.ndarray | None = None, channels: int = 3):
     """(serialised ONNX, symbolic dim names, relative max-abs difference or None, failed attempts) of `fn`.
 
     Tries symbolic H, W (`spatial`: the StableHLO artifact's H, W specs, when those were symbolic), then
@@ -252,8 +253,8 @@ def onnx_export(fn, example_size, name: str, spatial: tuple | None = None, x: np
     h, w = example_size
     tries = []
     if spatial is not None:
-        tries.append((f"B, {spatial[0]}, {spatial[1]}, 3", ["batch", "height", "width"]))
-    tries += [(f"B, {h}, {w}, 3", ["batch"]), (f"1, {h}, {w}, 3", [])]
+        tries.append((f"B, {spatial[0]}, {spatial[1]}, {channels}", ["batch", "height", "width"]))
+    tries += [(f"B, {h}, {w}, {channels}", ["batch"]), (f"1, {h}, {w}, {channels}", [])]
     errors = []
     for shape, dims in tries:
         try:
@@ -314,13 +315,14 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
         raise SegjaxError(f"{out_dir}: the export folder is a file; pick another folder")
 
     fn = _inference_fn(model, variables, task, probabilities)
-    stride = _output_stride(model, variables, (h, w), num_classes)
+    channels = int(meta.get("in_channels") or 3)  # a multi-band checkpoint (segjax convert --set in_channels=N)
+    stride = _output_stride(model, variables, (h, w), num_classes, channels)
 
     # ---- StableHLO
     constraint, exported = None, None
     if symbolic:
         failures = []
-        for shape, why in _symbolic_attempts(stride["feature"], (h, w)):
+        for shape, why in _symbolic_attempts(stride["feature"], (h, w), channels):
             try:
                 exported = _trace(fn, _spec(shape), platforms)
                 constraint = why
@@ -333,7 +335,7 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
                               f"{h}x{w} from example_size)")
     else:
         try:
-            exported = _trace(fn, _spec(f"b, {h}, {w}, 3"), platforms)
+            exported = _trace(fn, _spec(f"b, {h}, {w}, {channels}"), platforms)
         except Exception as e:  # noqa: BLE001
             raise SegjaxError(f"{name}: jax.export failed at {h}x{w}: {_reason(e)}{_where(e)}") from None
     in_shape = [str(d) if not isinstance(d, int) else d for d in exported.in_avals[0].shape]
@@ -341,7 +343,7 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
     blob = exported.serialize()
 
     report = {}
-    x = np.random.RandomState(0).standard_normal((2, h, w, 3)).astype(np.float32)
+    x = np.random.RandomState(0).standard_normal((2, h, w, channels)).astype(np.float32)
     ref = None
     if check:  # the model with its variables as arguments, as segjax runs it
         ref = np.asarray(jax.jit(lambda v, x: _inference_fn(model, v, task, probabilities, False)(x))(variables, x))
@@ -360,7 +362,7 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
             spatial = tuple(str(d) for d in exported.in_avals[0].shape[1:3])
         onnx_bytes, onnx_dims, diff, onnx_fallbacks = onnx_export(
             _inference_fn(model, variables, task, probabilities, barrier=False), (h, w), f"{name}_{'probabilities' if probabilities else 'logits'}", spatial,
-            x if check else None, ref)
+            x if check else None, ref, channels)
         onnx_info = {"file": ONNX_FILE, "symbolic_dims": onnx_dims, "opset": None,
                      "jax2onnx_version": _version("jax2onnx"), "onnxruntime_version": _version("onnxruntime")}
         try:
@@ -380,8 +382,9 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
         "model": name, "model_kwargs": _jsonable(meta.get("model_kwargs") or {}), "task": task,
         "num_classes": num_classes, "dataset": meta.get("dataset"),
         "input": {
-            "layout": "NHWC", "dtype": "float32", "channels": "RGB", "shape": in_shape,
-            "normalisation": "x = (rgb / 255 - mean) / std", "mean": mean, "std": std,
+            "layout": "NHWC", "dtype": "float32", "channels": "RGB" if channels == 3 else f"{channels} bands", "shape": in_shape,
+            "normalisation": ("x = (rgb / 255 - mean) / std" if channels == 3 else
+                              "x = (bands / 65535 - mean) / std for 16-bit bands (/ 255 for 8-bit)"), "mean": mean, "std": std,
             "symbolic_dims": symbolic_dims, "constraints": constraint, "example_size": [h, w],
         },
         "output": {

@@ -140,3 +140,15 @@ def test_onnx_matches_jax(unet, tmp_path):
     y = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     ref = np.asarray(m.apply(v, x, train=False)["out"])
     assert _rel(y, ref) <= 1e-4
+
+
+def test_a_four_band_checkpoint_exports_with_four_input_channels(tmp_path):
+    m = models.create("unet", num_classes=3, **UNET_KW)
+    v = init_variables(m, (32, 32), channels=4)
+    meta = {"model": "unet", "model_kwargs": UNET_KW, "num_classes": 3, "in_channels": 4,
+            "mean": [0.5] * 4, "std": [0.25] * 4}
+    manifest = E.export(m, v, meta, str(tmp_path / "bands"), example_size=(32, 32))
+    assert manifest["input"]["shape"][-1] == 4 and manifest["input"]["channels"] == "4 bands"
+    exported = jax.export.deserialize((tmp_path / "bands" / "model.stablehlo").read_bytes())
+    x = np.random.RandomState(1).standard_normal((2, 48, 32, 4)).astype(np.float32)
+    assert _rel(exported.call(x), np.asarray(m.apply(v, x, train=False)["out"])) <= 1e-5
