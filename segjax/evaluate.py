@@ -80,10 +80,7 @@ def evaluate(path: str, *, dataset: str | None = None, split: str | None = None,
     if dataset == "synthetic":
         data.prepare("synthetic", data_dir, progress=False, **config.get("data_options", {}))
     source = data.open_source(dataset, split, data_dir)
-    try:
-        names = list(data.class_names(dataset, data_dir))
-    except Exception:  # a data set without names
-        names = []
+    names = data.known_class_names(dataset, data_dir)
     if loaded.task == "segmentation" and len(names) > loaded.num_classes:
         raise SegjaxError(f"{path}: the checkpoint predicts {loaded.num_classes} classes but data set '{dataset}' "
                           f"has {len(names)}; evaluate it on the data set it was trained on (--dataset)")
@@ -100,6 +97,4 @@ def evaluate(path: str, *, dataset: str | None = None, split: str | None = None,
         loader = data.make_eval_loader(source, batch_size=batch_size, base_size=config.get("base_size"),
                                        mean=loaded.mean, std=loaded.std)
         scores = evaluate_dataset(parallel, parallel.put_state(loaded.variables), loader, loaded.task)
-    if len(names) != loaded.num_classes:
-        names = [str(i) for i in range(loaded.num_classes)]
-    return scores, names, meta
+    return scores, data.names_or_numbers(dataset, loaded.num_classes, data_dir), meta

@@ -58,13 +58,10 @@ def _class_names(meta: dict, num_classes: int, task: str) -> list[str]:
     names = meta.get("class_names")
     if not names and task == "saliency":
         names = ["salient"] if num_classes == 1 else None
-    if not names and meta.get("dataset"):
-        try:
-            from segjax import data
-            names = list(data.class_names(meta["dataset"]))
-        except Exception:  # a data set segjax cannot name (not prepared here, or custom)
-            names = None
-    names = list(names or [])
+    if not names:
+        from segjax import data
+        return data.names_or_numbers(meta.get("dataset"), num_classes)
+    names = list(names)
     if len(names) != num_classes:
         names = [str(i) for i in range(num_classes)]
     return [str(n) for n in names]

@@ -99,7 +99,7 @@ def predict(path: str, images: list[str], out_dir: str, *, multi_scale: bool = F
     whole-image inference predict. save_probs: also `<stem>_probs.npz` (float16 (H, W, C) and the
     class names) and `<stem>_entropy.png`; saliency models write `<stem>_saliency16.png` (16-bit).
     """
-    from segjax import inference, tiling
+    from segjax import data, inference, tiling
 
     if not images:
         raise SegjaxError("no images given; pass one or more image files")
@@ -117,7 +117,7 @@ def predict(path: str, images: list[str], out_dir: str, *, multi_scale: bool = F
         tiled_fn = tiling.make_probs_fn(loaded.apply_fn, loaded.variables, scales, flip, loaded.task)
     probs_fn = jax.jit(lambda variables, x: inference.predict_probs(loaded.apply_fn, variables, x, scales, flip,
                                                                     loaded.task))
-    names = _class_names(meta, loaded.num_classes)
+    names = data.names_or_numbers(meta.get("dataset"), loaded.num_classes)
     mean, std = np.asarray(loaded.mean, np.float32), np.asarray(loaded.std, np.float32)
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -160,11 +160,3 @@ def _output_stride(loaded) -> int | tuple:
     return analysis.output_stride(loaded.model, variables=loaded.variables)["feature"] or 1
 
 
-def _class_names(meta: dict, num_classes: int) -> list[str]:
-    from segjax import data
-
-    try:
-        names = list(data.class_names(meta["dataset"])) if meta.get("dataset") else []
-    except Exception:  # a data set without names
-        names = []
-    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]

@@ -199,7 +199,7 @@ def predict_tiled(probs_fn: Callable, image: np.ndarray, tile=(512, 512), overla
         num_classes = out.shape[2] if num_classes is None else num_classes
 
     rows, cols = plan["rows"], plan["cols"]
-    (sy, sx), (oy, ox), (my, mx) = plan["step"], plan["overlap"], plan["margin"]
+    (oy, ox), (my, mx) = plan["overlap"], plan["margin"]
     win_y = {(i == 0, i == len(rows) - 1): None for i in range(len(rows))}
     win_x = {(j == 0, j == len(cols) - 1): None for j in range(len(cols))}
     for k in win_y:

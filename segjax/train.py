@@ -235,17 +235,10 @@ def _prepare_data(config, root: str, primary: bool) -> None:
 
 def _check_num_classes(config, root) -> None:
     """Labels >= num_classes would make the loss NaN at step 1; say so before compiling anything."""
-    names = _dataset_class_names(config.dataset, root) if config.task == "segmentation" else []
+    names = data.known_class_names(config.dataset, root) if config.task == "segmentation" else []
     if len(names) > config.num_classes:
         raise SegjaxError(f"config.num_classes={config.num_classes} but data set '{config.dataset}' has {len(names)} "
                           f"classes ({', '.join(names[:5])}, ...); use --config.num_classes={len(names)}")
-
-
-def _dataset_class_names(dataset: str, root: str | None = None) -> list[str]:
-    try:
-        return list(data.class_names(dataset, root))
-    except Exception:  # a data set without names
-        return []
 
 
 def _check_resumable(saved: dict, config, workdir: str) -> None:
@@ -374,8 +367,7 @@ def report(run: Run, step: int, scores: dict | None, stop: preemption.StopReques
         print(f"{why}: {saved}{skipped_note}; run the same command again to resume")
         return {"step": step, "stopped": True, **({"signal": stop.name} if stop.name else {})}
     if primary:
-        names = _dataset_class_names(config.dataset)
-        names = names if len(names) == config.num_classes else [str(i) for i in range(config.num_classes)]
+        names = data.names_or_numbers(config.dataset, config.num_classes)
         logs.plot(run.workdir, names)
         if config.task != "saliency":
             print(metrics.format_table(scores, names))

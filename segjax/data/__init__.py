@@ -11,13 +11,14 @@
 The data sets themselves are entries of segjax.data.registry. The grain pipeline is imported on first
 use, so code that only needs the constants or the builders (segjax.convert, `segjax data`) skips it.
 """
-from segjax.data.prepare import NAMES, class_names, default_data_dir, in_channels, open_source, prepare
+from segjax.data.prepare import (NAMES, class_names, default_data_dir, in_channels, known_class_names,
+                                 names_or_numbers, open_source, prepare)
 from segjax.data.check import CheckReport, check  # noqa: E402  (after prepare: it reads through it)
 from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 _LAZY = {"make_eval_loader": "segjax.data.pipeline", "make_train_loader": "segjax.data.pipeline"}
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NAMES", "CheckReport", "check", "class_names", "default_data_dir",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NAMES", "CheckReport", "check", "class_names", "known_class_names", "names_or_numbers", "default_data_dir",
            "in_channels", "make_eval_loader", "make_train_loader", "open_source", "prepare"]
 
 

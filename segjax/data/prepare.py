@@ -180,6 +180,20 @@ def in_channels(name: str, data_dir: str | None = None) -> int:
     return _stored_channels(_builder_dir(name, data_dir))
 
 
+def known_class_names(name: str | None, data_dir: str | None = None) -> list[str]:
+    """The data set's class names, or [] where it can give none (unknown, not prepared here, unnamed)."""
+    try:
+        return list(class_names(name, data_dir)) if name else []
+    except Exception:  # noqa: BLE001  no names to give is an answer here, not an error
+        return []
+
+
+def names_or_numbers(name: str | None, num_classes: int, data_dir: str | None = None) -> list[str]:
+    """The data set's class names when it has exactly `num_classes`, else "0", "1", ..."""
+    names = known_class_names(name, data_dir)
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
 def class_names(name: str, data_dir: str | None = None) -> tuple[str, ...]:
     entry, _ = registry.lookup(name)
     if entry.class_names is not None:
