@@ -180,35 +180,40 @@ def _is_global_spatial_reduction(eqn) -> bool:
     return len(eqn.invars[0].aval.shape) == 4 and {1, 2} <= axes
 
 
-def _eval_cutting_global_pools(jaxpr, consts, *args):
-    """Evaluate `jaxpr`, wrapping every reduction over both spatial axes in a stop-gradient.
+INLINED_CALLS = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call")
 
-    Calls (jit, custom_jvp/vjp) are inlined so reductions inside them are reached too; a custom
-    derivative rule is then replaced by differentiating its primal, which changes no support.
-    """
+
+def replay_jaxpr(jaxpr, consts, args, rewrite: Callable) -> list:
+    """Evaluate `jaxpr` equation by equation, calls (INLINED_CALLS) inlined so every equation inside
+    them is reached too; `rewrite(eqn, invals)` returns the outputs of an equation it replaces, or
+    None to bind it as it is. Inlining a custom derivative rule differentiates its primal instead."""
     env = {}
 
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
 
-    for var, val in zip(jaxpr.constvars, consts):
-        env[var] = val
-    for var, val in zip(jaxpr.invars, args):
-        env[var] = val
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-        if isinstance(sub, jcore.ClosedJaxpr) and eqn.primitive.name in ("jit", "pjit", "closed_call", "core_call",
-                                                                          "custom_jvp_call", "custom_vjp_call"):
-            outvals = _eval_cutting_global_pools(sub.jaxpr, sub.consts, *invals[len(invals) - len(sub.jaxpr.invars):])
+        if isinstance(sub, jcore.ClosedJaxpr) and eqn.primitive.name in INLINED_CALLS:
+            outvals = replay_jaxpr(sub.jaxpr, sub.consts, invals[len(invals) - len(sub.jaxpr.invars):], rewrite)
         else:
-            outvals = eqn.primitive.bind(*invals, **eqn.params)
-            outvals = outvals if eqn.primitive.multiple_results else [outvals]
-            if _is_global_spatial_reduction(eqn):
-                outvals = [jax.lax.stop_gradient(o) for o in outvals]
-        for var, val in zip(eqn.outvars, outvals):
-            env[var] = val
+            outvals = rewrite(eqn, invals)
+            if outvals is None:
+                outvals = eqn.primitive.bind(*invals, **eqn.params)
+                outvals = outvals if eqn.primitive.multiple_results else [outvals]
+        env.update(zip(eqn.outvars, outvals))
     return [read(v) for v in jaxpr.outvars]
+
+
+def _cut_global_pool(eqn, invals):
+    """A reduction over both spatial axes, with no gradient through it; None for any other equation."""
+    if not _is_global_spatial_reduction(eqn):
+        return None
+    outvals = eqn.primitive.bind(*invals, **eqn.params)
+    return [jax.lax.stop_gradient(o) for o in (outvals if eqn.primitive.multiple_results else [outvals])]
 
 
 def without_global_pooling(fn: Callable, example: jax.Array) -> Callable:
@@ -217,7 +222,7 @@ def without_global_pooling(fn: Callable, example: jax.Array) -> Callable:
     out_tree = jax.tree_util.tree_structure(jax.eval_shape(fn, example))
 
     def cut(x):
-        return jax.tree_util.tree_unflatten(out_tree, _eval_cutting_global_pools(closed.jaxpr, closed.consts, x))
+        return jax.tree_util.tree_unflatten(out_tree, replay_jaxpr(closed.jaxpr, closed.consts, [x], _cut_global_pool))
 
     return cut
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax import __version__
+from segjax import __version__, analysis
 from segjax.errors import SegjaxError
 
 FORMAT = "segjax-export"
@@ -88,7 +88,6 @@ def _jsonable(v):
 
 
 def _output_stride(model, variables, example_size, num_classes, channels: int = 3) -> dict:
-    from segjax import analysis
     shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
     try:
         return analysis.output_stride(model, example_size, variables=shapes, num_classes=num_classes,
@@ -179,13 +178,10 @@ def _to_onnx(fn, spec: jax.ShapeDtypeStruct, name: str):
         closed = jax.make_jaxpr(fn)(spec)
 
     def replay(x):
-        return _replay(closed.jaxpr, closed.consts, x)[0]
+        return analysis.replay_jaxpr(closed.jaxpr, closed.consts, [x], _pool_for_onnx)[0]
 
     return jax2onnx.to_onnx(replay, [spec], model_name=name, input_names=["image"],
                             output_names=["probabilities" if "prob" in name else "logits"])
-
-
-_INLINED = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call")
 
 
 def _max_pool_3d(x, window, strides, padding):
@@ -199,37 +195,18 @@ def _max_pool_3d(x, window, strides, padding):
     return jnp.transpose(y.reshape(n, c, *y.shape[1:]), (0, 2, 3, 1))
 
 
-def _replay(jaxpr, consts, *args):
-    """Evaluate `jaxpr` with calls inlined and NHWC max pools rewritten for ONNX (see `_max_pool_3d`)."""
-    from jax.extend import core as jcore
-    env = {}
-
-    def read(v):
-        return v.val if isinstance(v, jcore.Literal) else env[v]
-
-    for var, val in zip(jaxpr.constvars, consts):
-        env[var] = val
-    for var, val in zip(jaxpr.invars, args):
-        env[var] = val
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-        p = eqn.params
-        if isinstance(sub, jcore.ClosedJaxpr) and eqn.primitive.name in _INLINED:
-            outvals = _replay(sub.jaxpr, sub.consts, *invals[len(invals) - len(sub.jaxpr.invars):])
-        elif (eqn.primitive.name == "reduce_window_max" and len(p["window_dimensions"]) == 4
-              and p["window_dimensions"][0] == p["window_dimensions"][3] == 1
-              and tuple(p["window_strides"])[::3] == (1, 1)
-              and all(d == 1 for d in p.get("base_dilation", (1,) * 4))
-              and all(d == 1 for d in p.get("window_dilation", (1,) * 4))
-              and tuple(p["padding"][0]) == tuple(p["padding"][3]) == (0, 0)):
-            outvals = [_max_pool_3d(invals[0], p["window_dimensions"], p["window_strides"], p["padding"])]
-        else:
-            outvals = eqn.primitive.bind(*invals, **eqn.params)
-            outvals = outvals if eqn.primitive.multiple_results else [outvals]
-        for var, val in zip(eqn.outvars, outvals):
-            env[var] = val
-    return [read(v) for v in jaxpr.outvars]
+def _pool_for_onnx(eqn, invals):
+    """An NHWC max pool (window and stride 1 on N and C, no dilation or N/C padding) replayed as a 3-D
+    pool (see `_max_pool_3d`); None for any other equation."""
+    p = eqn.params
+    if (eqn.primitive.name == "reduce_window_max" and len(p["window_dimensions"]) == 4
+            and p["window_dimensions"][0] == p["window_dimensions"][3] == 1
+            and tuple(p["window_strides"])[::3] == (1, 1)
+            and all(d == 1 for d in p.get("base_dilation", (1,) * 4))
+            and all(d == 1 for d in p.get("window_dilation", (1,) * 4))
+            and tuple(p["padding"][0]) == tuple(p["padding"][3]) == (0, 0)):
+        return [_max_pool_3d(invals[0], p["window_dimensions"], p["window_strides"], p["padding"])]
+    return None
 
 
 def _onnx_run(proto_bytes: bytes, x: np.ndarray) -> np.ndarray:
