@@ -287,6 +287,8 @@ def _add_data(sub):
                    "(a manifest, or DIR/{train,val}/images + masks)")
     c.add_argument("--num-classes", type=int, default=None, help="what the model will predict "
                    "(default: the data set's classes)")
+    c.add_argument("--in-channels", type=int, default=None, help="a folder's image bands (default: its "
+                   "manifest's, else 3); images with another band count are problems")
     c.add_argument("--data-dir", default=None, help="default: $SEGJAX_DATA_DIR or ~/.cache/segjax/data")
     c.set_defaults(run=_run_data_check)
 
@@ -304,7 +306,8 @@ def _run_data_prepare(args):
 def _run_data_check(args):
     from segjax import data
 
-    report = data.check(args.name, data_dir=args.data_dir, num_classes=args.num_classes)
+    report = data.check(args.name, data_dir=args.data_dir, num_classes=args.num_classes,
+                        in_channels=args.in_channels)
     print(report.table)
     if report.ok:
         return 0

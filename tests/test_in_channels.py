@@ -1,5 +1,6 @@
 """Input channels other than RGB: multi-band 16-bit TIFF folder data sets, and RGB weights converted
 to N input channels (docs/in_channels.md)."""
+import io
 import json
 import re
 
@@ -100,6 +101,31 @@ def test_band_count_mismatch_names_the_file(tmp_path):
     message = str(info.value)
     assert len(message.splitlines()) == 1 and str(odd) in message and "5 band(s)" in message
     assert "in_channels=4" in message
+
+
+def test_data_check_reads_an_unprepared_band_folder_as_training_does(tmp_path, capsys):
+    from segjax import cli
+    root = make_bands(tmp_path / "bands", num_train=3, num_val=1)
+    assert data.check(str(root), in_channels=4).ok
+    odd = root / "val" / "images" / "0.tif"
+    _write_tiff(odd, np.zeros((24, 24, 5), np.uint16))
+    report = data.check(str(root), in_channels=4)
+    assert not report.ok and len(report.problems) == 1
+    assert str(odd) in report.problems[0] and "5 band(s) where in_channels=4" in report.problems[0]
+    assert cli.main(["data", "check", str(root), "--in-channels", "4"]) == 1
+    assert str(odd) in capsys.readouterr().err
+    # As an RGB data set (no in_channels) every 4-band image is named, with the in_channels that reads it.
+    rgb = data.check(str(root))
+    assert len(rgb.problems) == 4
+    assert sum("4 bands where RGB (in_channels=3)" in p and "set in_channels=4" in p for p in rgb.problems) == 3
+    assert any(str(odd) in p and "set in_channels=5" in p for p in rgb.problems)
+    # A 16-bit 3-band TIFF, which PIL cannot open, is an RGB image: training stores it as 8-bit.
+    rgb16 = np.random.default_rng(1).integers(0, 65536, (5, 7, 3), dtype=np.uint16)
+    _write_tiff(tmp_path / "rgb16.tif", rgb16)
+    stored, hw = validate.encode_image((tmp_path / "rgb16.tif").read_bytes(), "rgb16.tif")
+    assert hw == (5, 7)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stored))),
+                                  np.rint(rgb16 / 257.0).astype(np.uint8))
 
 
 def test_mask_with_colour_channels_names_the_file(tmp_path):

@@ -69,16 +69,19 @@ class _Reader:
         self.kinds[getattr(e, "kind", None) or kind or "unreadable"] += 1
 
 
-def check(name_or_dir: str, data_dir: str | None = None, num_classes: int | None = None) -> CheckReport:
+def check(name_or_dir: str, data_dir: str | None = None, num_classes: int | None = None,
+          in_channels: int | None = None) -> CheckReport:
     """Reads every image and mask of a registered, prepared data set (`voc2012`, `folder:<name>`, ...)
     or of a folder, and reports counts, sizes, labels, class frequencies and problems.
 
     num_classes: what the model will predict; default the data set's own classes (a folder without
     classes: the largest label found + 1). Raises SegjaxError (one line) for an unprepared data set,
     a missing or empty folder, or a folder in no known layout.
+    in_channels: a folder's image band count (default its manifest's, else 3, RGB): every image is
+    read as training reads it, so one with another band count is a problem.
     """
     if os.sep in name_or_dir or not registry.is_registered(name_or_dir):
-        return _check_dir(name_or_dir, num_classes)
+        return _check_dir(name_or_dir, num_classes, in_channels)
     return _check_prepared(name_or_dir, data_dir, num_classes)
 
 
@@ -119,7 +122,7 @@ def _check_prepared(name: str, data_dir: str | None, num_classes: int | None) ->
                    "given" if num_classes else "the data set's", eval_split)
 
 
-def _check_dir(root: str, num_classes: int | None) -> CheckReport:
+def _check_dir(root: str, num_classes: int | None, in_channels: int | None = None) -> CheckReport:
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise SegjaxError(f"{root}: no such folder and no registered data set of that name; give a folder or one of "
@@ -127,7 +130,7 @@ def _check_dir(root: str, num_classes: int | None) -> CheckReport:
     if not any(files for _, _, files in os.walk(root)):
         raise SegjaxError(f"{root}: empty folder; put images in {{train,val}}/images/ and masks in "
                           "{train,val}/masks/<stem>.png, or add a manifest.json (see segjax/data/folder.py)")
-    manifest = folder.resolve_manifest(root, infer_classes=False)
+    manifest = folder.with_channels(folder.resolve_manifest(root, infer_classes=False), in_channels)
     if os.path.isfile(os.path.join(root, folder.MANIFEST_FILE)):
         source = f"{root} ({folder.MANIFEST_FILE})"
     else:
@@ -149,7 +152,7 @@ def _check_dir(root: str, num_classes: int | None) -> CheckReport:
         for pair in pairs:
             s.images += 1
             try:
-                hw = validate.image_size(folder.read(pair[1]), pair[1])
+                hw = folder.image_hw(pair[1], manifest)
                 s.hw.append(hw)
             except (validate.InvalidData, OSError) as e:
                 reader.problem(e, "unreadable")
@@ -188,7 +191,7 @@ def _check_dir(root: str, num_classes: int | None) -> CheckReport:
         if classes == 2:
             for pair in binary:  # check_pair was run with no class limit: the 0/255 rule needs it
                 try:
-                    folder.check_pair(pair, manifest, validate.image_size(folder.read(pair[1]), pair[1]),
+                    folder.check_pair(pair, manifest, folder.image_hw(pair[1], manifest),
                                       folder.load_mask(pair, manifest), classes)
                 except validate.InvalidData as e:
                     reader.problem(e)

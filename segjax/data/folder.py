@@ -211,15 +211,22 @@ def load_pair(pair, manifest, encode: bool = True) -> tuple[bytes | np.ndarray |
     `encode`; (height, width); class-index mask after the manifest's value map / threshold and ROI).
     Unchecked against the classes: see `check_pair`."""
     image_path = pair[1]
+    if not encode:
+        return None, image_hw(image_path, manifest), load_mask(pair, manifest)
     channels = in_channels(manifest)
     if channels != 3:
         bands = validate.decode_bands(read(image_path), image_path, channels)
-        return (bands if encode else None), bands.shape[:2], load_mask(pair, manifest)
-    if encode:
-        image, hw = validate.encode_image(read(image_path), image_path)
-    else:
-        image, hw = None, validate.image_size(read(image_path), image_path)
+        return bands, bands.shape[:2], load_mask(pair, manifest)
+    image, hw = validate.encode_image(read(image_path), image_path)
     return image, hw, load_mask(pair, manifest)
+
+
+def image_hw(image_path: str, manifest) -> tuple[int, int]:
+    """(height, width) of an image, read as `load_pair` reads it for this manifest (its band count checked)."""
+    channels = in_channels(manifest)
+    if channels != 3:
+        return validate.decode_bands(read(image_path), image_path, channels).shape[:2]
+    return validate.image_size(read(image_path), image_path)
 
 
 def load_mask(pair, manifest) -> np.ndarray:

@@ -50,7 +50,7 @@ def image_size(data: bytes, where: str) -> tuple[int, int]:
     except InvalidData:
         if not is_tiff(data):
             raise
-        return _read_tiff(data, where).shape[:2]
+        return _rgb_tiff(data, where).shape[:2]
     return img.height, img.width
 
 
@@ -80,6 +80,19 @@ def _read_tiff(data: bytes, where: str) -> np.ndarray:
     if a.ndim not in (2, 3):
         raise InvalidData(f"{where}: TIFF of shape {a.shape} (axes {axes}); expected one image of (height, width"
                           "[, bands]), not a stack of pages", "channels")
+    return a
+
+
+def _rgb_tiff(data: bytes, where: str) -> np.ndarray:
+    """A TIFF that PIL cannot open (multi-band, 16-bit colour) in an RGB data set, through tifffile:
+    (H, W) or (H, W, 3), 8 or 16-bit; another band count names the in_channels that would read it."""
+    a = _read_tiff(data, where)
+    bands = 1 if a.ndim == 2 else a.shape[-1]
+    if bands not in (1, 3):
+        raise InvalidData(f"{where}: image has {bands} bands where RGB (in_channels=3) was expected; for a "
+                          f"multi-band data set set in_channels={bands} (manifest or data option)", "bands")
+    if a.dtype not in BAND_DTYPES:
+        raise InvalidData(f"{where}: image samples are {a.dtype}; save it as 8 or 16-bit unsigned integers", "dtype")
     return a
 
 
@@ -123,7 +136,15 @@ def _to_uint8(img: Image.Image) -> Image.Image:
 def encode_image(data: bytes, where: str) -> tuple[bytes, tuple[int, int]]:
     """Returns (bytes to store, (height, width)). An 8-bit RGB JPEG is stored untouched (byte-exact);
     anything else is converted to RGB and stored as lossless PNG."""
-    img = _open(data, where)
+    try:
+        img = _open(data, where)
+    except InvalidData:
+        if not is_tiff(data):
+            raise
+        a = _rgb_tiff(data, where)
+        if a.dtype == np.uint16:
+            a = np.rint(a / 257.0).astype(np.uint8)
+        img = Image.fromarray(a)
     size = (img.height, img.width)
     if img.format == "JPEG" and img.mode == "RGB":
         return data, size
