@@ -503,28 +503,47 @@ def dtype_partials(dtype: Dtype = None, param_dtype: Dtype = jnp.float32, axis_n
 
 # ----------------------------------------------------------------------------------------- resize
 
-def _source_index(out_size: int, in_size: int, align_corners: bool, scale_factor: float | None = None):
+def is_symbolic(*sizes) -> bool:
+    """Whether any of `sizes` is a `jax.export` symbolic dimension (an export with free H, W)."""
+    return any(jax.export.is_symbolic_dim(n) for n in sizes)
+
+
+def _source_index(out_size, in_size, align_corners: bool, scale_factor: float | None = None):
     """Lower index, upper index and weight of the upper one, as torch's linear interpolation computes them.
 
     A `scale_factor` (torch's `F.interpolate(scale_factor=...)`) samples at 1/scale_factor rather
-    than at in/out, which differs when in * scale_factor is not a whole number.
+    than at in/out, which differs when in * scale_factor is not a whole number. Concrete sizes give
+    numpy tables (constants in the compiled program); symbolic ones (`jax.export` with free H, W)
+    give the same arithmetic in jnp, in float32.
     """
-    dst = np.arange(out_size, dtype=np.float64)
-    if align_corners:
-        src = dst * ((in_size - 1) / (out_size - 1)) if out_size > 1 else np.zeros_like(dst)
+    xp, ftype = (jnp, jnp.float32) if is_symbolic(out_size, in_size) else (np, np.float64)
+    dst = xp.arange(out_size, dtype=ftype)
+    n_in, n_out = xp.asarray(in_size, ftype), xp.asarray(out_size, ftype)
+    if align_corners:  # out_size == 1 samples pixel 0 whatever the ratio
+        src = dst * ((n_in - 1) / xp.maximum(n_out - 1, 1))
     else:
-        step = 1.0 / scale_factor if scale_factor else in_size / out_size
-        src = np.maximum((dst + 0.5) * step - 0.5, 0.0)
-    lo = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
-    hi = np.minimum(lo + 1, in_size - 1)
-    return lo, hi, (src - lo).astype(np.float32)
+        step = 1.0 / scale_factor if scale_factor else n_in / n_out
+        src = xp.maximum((dst + 0.5) * step - 0.5, 0.0)
+    lo = xp.minimum(xp.floor(src).astype(xp.int32), in_size - 1)
+    hi = xp.minimum(lo + 1, in_size - 1)
+    return lo, hi, (src - lo).astype(xp.float32)
 
 
-def _lerp_axis(x: Array, axis: int, out_size: int, align_corners: bool, scale_factor: float | None = None) -> Array:
+def _lerp_axis(x: Array, axis: int, out_size, align_corners: bool, scale_factor: float | None = None) -> Array:
     in_size = x.shape[axis]
     if in_size == out_size and not align_corners and (not scale_factor or scale_factor == 1):
-        return x
+        return x  # a symbolic size compares equal only where it provably is
+    if is_symbolic(in_size, out_size):  # export: forward only, tables computed in the program
+        return _gather_lerp(x, axis, out_size, align_corners, scale_factor)
     return _lerp(x, axis, out_size, align_corners, scale_factor)
+
+
+def _gather_lerp(x: Array, axis: int, out_size, align_corners: bool, scale_factor: float | None) -> Array:
+    lo, hi, w = _source_index(out_size, x.shape[axis], align_corners, scale_factor)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    w = jnp.asarray(w).reshape(shape).astype(x.dtype)
+    return jnp.take(x, lo, axis=axis) * (1 - w) + jnp.take(x, hi, axis=axis) * w
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
@@ -534,11 +553,7 @@ def _lerp(x: Array, axis: int, out_size: int, align_corners: bool, scale_factor:
     Its gradient is a matmul with the (out, in) interpolation matrix: autodiff of the gathers is
     a scatter-add, which XLA:CPU runs as a serial loop.
     """
-    lo, hi, w = _source_index(out_size, x.shape[axis], align_corners, scale_factor)
-    shape = [1] * x.ndim
-    shape[axis] = out_size
-    w = jnp.asarray(w).reshape(shape).astype(x.dtype)
-    return jnp.take(x, lo, axis=axis) * (1 - w) + jnp.take(x, hi, axis=axis) * w
+    return _gather_lerp(x, axis, out_size, align_corners, scale_factor)
 
 
 def _interpolation_matrix(out_size: int, in_size: int, align_corners: bool, scale_factor=None) -> np.ndarray:
@@ -562,6 +577,13 @@ def _lerp_backward(axis, out_size, align_corners, scale_factor, in_size, g):
 _lerp.defvjp(_lerp_forward, _lerp_backward)
 
 
+def _nearest_index(out_size, in_size):
+    """torch's 'nearest': source floor(dst * in / out), clamped."""
+    xp, ftype = (jnp, jnp.float32) if is_symbolic(out_size, in_size) else (np, np.float64)
+    ratio = xp.asarray(in_size, ftype) / xp.asarray(out_size, ftype)
+    return xp.minimum(xp.floor(xp.arange(out_size, dtype=ftype) * ratio).astype(xp.int32), in_size - 1)
+
+
 def resize(x: Array, size: Sequence[int] | None, method: str = "bilinear", align_corners: bool = False,
            scale_factor: float | None = None) -> Array:
     """`F.interpolate(x, size=size, mode=method, align_corners=...)` for NHWC `x`, exactly.
@@ -569,7 +591,8 @@ def resize(x: Array, size: Sequence[int] | None, method: str = "bilinear", align
     With `size=None` and a `scale_factor` it is `F.interpolate(x, scale_factor=...)`: the size is
     floor(in * scale_factor) and the bilinear samples sit at 1/scale_factor apart.
     Unlike `jax.image.resize` it never antialiases and it supports align_corners=True
-    (milesial's UNet). Index tables are static numpy, so this costs two gathers per axis.
+    (milesial's UNet). Index tables are static numpy for concrete sizes, so this costs two gathers
+    per axis; symbolic sizes (`jax.export` with free H, W) compute the same tables in the program.
     """
     if size is None:
         if not scale_factor:
@@ -578,11 +601,9 @@ def resize(x: Array, size: Sequence[int] | None, method: str = "bilinear", align
             raise ValueError("resize: scale_factor is supported for bilinear with align_corners=False")
         h, w = (int(np.floor(n * scale_factor)) for n in x.shape[1:3])
         return _lerp_axis(_lerp_axis(x, 1, h, False, scale_factor), 2, w, False, scale_factor)
-    h, w = int(size[0]), int(size[1])
+    h, w = (n if is_symbolic(n) else int(n) for n in size)
     if method == "nearest":
-        ih, iw = x.shape[1], x.shape[2]
-        rows = np.minimum(np.floor(np.arange(h) * (ih / h)).astype(np.int32), ih - 1)
-        cols = np.minimum(np.floor(np.arange(w) * (iw / w)).astype(np.int32), iw - 1)
+        rows, cols = _nearest_index(h, x.shape[1]), _nearest_index(w, x.shape[2])
         return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
     if method != "bilinear":
         raise ValueError(f"resize: method must be 'bilinear' or 'nearest', got {method!r}")
@@ -604,13 +625,22 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mod
 
 def max_pool2d(x: Array, kernel_size: int = 2, stride: int | None = None, padding: int = 0,
                ceil_mode: bool = False) -> Array:
-    """`F.max_pool2d` for NHWC, with ceil_mode (U2-Net) and symmetric padding."""
+    """`F.max_pool2d` for NHWC, with ceil_mode (U2-Net, caffe's FCN and DeepLab v1) and symmetric padding.
+
+    ceil_mode pads the right by stride - 1 more (with -inf, which no window sees alone): the floor
+    output of that is the ceil output, whatever the size, so symbolic sizes export. Where
+    padding + stride > kernel, torch's rule that no window starts in the right pad can drop the
+    last window, which needs the concrete size.
+    """
     stride = kernel_size if stride is None else stride
-    pads = []
-    for size in x.shape[1:3]:
-        out = pool_output_size(size, kernel_size, stride, padding, ceil_mode)
-        extra = max((out - 1) * stride + kernel_size - (size + 2 * padding), 0)
-        pads.append((padding, padding + extra))
+    if not ceil_mode:
+        extra = (0, 0)
+    elif padding + stride <= kernel_size:
+        extra = (stride - 1, stride - 1)
+    else:
+        extra = tuple((pool_output_size(n, kernel_size, stride, padding, True) - 1) * stride + kernel_size
+                      - (n + 2 * padding) for n in x.shape[1:3])
+    pads = [(padding, padding + max(e, 0)) for e in extra]
     return nn.max_pool(x, (kernel_size, kernel_size), (stride, stride), padding=pads)
 
 

@@ -51,6 +51,26 @@ def test_max_pool_matches_torch(x, kernel, stride, padding, ceil_mode):
     np.testing.assert_array_equal(np.asarray(ours), ref)
 
 
+def test_resize_and_pools_take_symbolic_sizes():
+    """Under jax.export with free H, W (the export of every resizing model) resize builds its tables
+    in the program and the ceil-mode pools pad by a constant: the same numbers as concrete sizes."""
+    def fn(v):
+        h, w = v.shape[1:3]
+        up = snn.resize(v, (2 * h + 1, w), align_corners=False)
+        corners = snn.resize(v, (h + 3, 3 * w), align_corners=True)
+        nearest = snn.resize(v, (2 * h, w + 5), method="nearest")
+        pooled = snn.max_pool2d(v, 3, 2, 1, ceil_mode=True) + snn.max_pool2d(v, 2, 2, ceil_mode=True)[:, :1, :1]
+        return up, corners, nearest, snn.resize(pooled, (h, w))
+
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, h, w, 3"), jnp.float32)
+    exported = jax.export.export(jax.jit(fn))(spec)
+    for hw in [(7, 9), (5, 2), (12, 13)]:
+        v = np.random.default_rng(hw[0]).standard_normal((2, *hw, 3)).astype(np.float32)
+        for got, want in zip(exported.call(v), jax.jit(fn)(v)):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+
 def _torch_input_grad(fn, x, cotangent):
     t = to_nchw(x).clone().requires_grad_(True)
     (fn(t) * to_nchw(cotangent)).sum().backward()

@@ -26,7 +26,7 @@ from flax import linen as nn
 
 from segjax.models.registry import register
 from segjax.models.vgg import STAGES, Pool, vgg_conv_body
-from segjax.nn import ConvTranspose, ModuleDef, bilinear_kernel_init, conv2d, dtype_partials
+from segjax.nn import ConvTranspose, ModuleDef, bilinear_kernel_init, conv2d, dtype_partials, is_symbolic
 
 CAFFE_POOLS = (Pool(2, 2, 0, ceil_mode=True),) * 5
 FIRST_CONV_PADDING = 100
@@ -38,7 +38,7 @@ FINAL_OFFSET = {32: 19, 16: 27, 8: 31}
 def crop(x: jax.Array, offset: int, size: tuple[int, int]) -> jax.Array:
     """caffe's Crop layer on NHWC: x[:, offset:offset + h, offset:offset + w]."""
     h, w = size
-    if x.shape[1] < offset + h or x.shape[2] < offset + w:
+    if not is_symbolic(h, w) and (x.shape[1] < offset + h or x.shape[2] < offset + w):
         raise ValueError(f"crop: {x.shape} is too small for offset {offset} and size {size}")
     return x[:, offset:offset + h, offset:offset + w]
 

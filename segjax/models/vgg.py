@@ -20,7 +20,8 @@ from flax import linen as nn
 
 from segjax.errors import SegjaxError
 from segjax.models.registry import register
-from segjax.nn import BatchNorm, ModuleDef, adaptive_avg_pool2d, conv2d, dtype_partials, max_pool2d, pool_output_size
+from segjax.nn import (BatchNorm, ModuleDef, adaptive_avg_pool2d, conv2d, dtype_partials, is_symbolic, max_pool2d,
+                       pool_output_size)
 
 # Conv widths per stage; every stage ends with a max-pool.
 STAGES: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -91,7 +92,7 @@ def vgg_conv_body(x: jax.Array, train: bool, *, stages: Sequence[Sequence[int]],
             x = nn.relu(x)
         feats[f"conv{s}"] = x
         out_hw = [pool_output_size(n, pool.kernel, pool.stride, pool.padding, pool.ceil_mode) for n in x.shape[1:3]]
-        if min(out_hw) < 1:
+        if not is_symbolic(*out_hw) and min(out_hw) < 1:
             raise SegjaxError(f"VGG: input of shape {x.shape} at pool{s} is too small; use larger images")
         x = max_pool2d(x, pool.kernel, pool.stride, pool.padding, pool.ceil_mode)
         feats[f"pool{s}"] = x
