@@ -178,7 +178,7 @@ def _to_onnx(fn, spec: jax.ShapeDtypeStruct, name: str):
         closed = jax.make_jaxpr(fn)(spec)
 
     def replay(x):
-        return analysis.replay_jaxpr(closed.jaxpr, closed.consts, [x], _pool_for_onnx)[0]
+        return analysis.replay_jaxpr(closed.jaxpr, closed.consts, [x], _for_onnx)[0]
 
     return jax2onnx.to_onnx(replay, [spec], model_name=name, input_names=["image"],
                             output_names=["probabilities" if "prob" in name else "logits"])
@@ -195,9 +195,17 @@ def _max_pool_3d(x, window, strides, padding):
     return jnp.transpose(y.reshape(n, c, *y.shape[1:]), (0, 2, 3, 1))
 
 
-def _pool_for_onnx(eqn, invals):
-    """An NHWC max pool (window and stride 1 on N and C, no dilation or N/C padding) replayed as a 3-D
-    pool (see `_max_pool_3d`); None for any other equation."""
+def _for_onnx(eqn, invals):
+    """jax2onnx stand-ins for two equations it converts wrongly; None for any other equation.
+
+    - an NHWC max pool (window and stride 1 on N and C, no dilation or N/C padding) is replayed as a
+      3-D pool (see `_max_pool_3d`);
+    - `lax.pad` with a constant value and no interior padding goes through `jnp.pad`, which jax2onnx
+      replaces with its own op during its trace: its `lax.pad` lowering calls int() on symbolic
+      dimensions, so FCN-VGG (pad 100) and UNet (pad to the skip) would lose their symbolic H, W and
+      batch. jnp.pad's padding value reaches lax.pad through a convert_element_type of a literal,
+      which is folded here so that the value stays a constant.
+    """
     p = eqn.params
     if (eqn.primitive.name == "reduce_window_max" and len(p["window_dimensions"]) == 4
             and p["window_dimensions"][0] == p["window_dimensions"][3] == 1
@@ -206,7 +214,18 @@ def _pool_for_onnx(eqn, invals):
             and all(d == 1 for d in p.get("window_dilation", (1,) * 4))
             and tuple(p["padding"][0]) == tuple(p["padding"][3]) == (0, 0)):
         return [_max_pool_3d(invals[0], p["window_dimensions"], p["window_strides"], p["padding"])]
+    if (eqn.primitive.name == "convert_element_type" and _constant(invals[0])
+            and jnp.issubdtype(p["new_dtype"], jnp.floating)):  # integer ones index gathers: left alone
+        return [np.asarray(invals[0], p["new_dtype"])]
+    if (eqn.primitive.name == "pad" and _constant(invals[1])
+            and all(i == 0 and lo >= 0 and hi >= 0 for lo, hi, i in p["padding_config"])):
+        return [jnp.pad(invals[0], [(int(lo), int(hi)) for lo, hi, _ in p["padding_config"]],
+                        constant_values=np.asarray(invals[1]).item())]
     return None
+
+
+def _constant(v) -> bool:
+    return isinstance(v, (int, float, np.ndarray, np.generic)) and np.ndim(v) == 0
 
 
 def _onnx_run(proto_bytes: bytes, x: np.ndarray) -> np.ndarray:

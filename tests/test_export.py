@@ -17,6 +17,7 @@ import pytest
 
 from segjax import export as E
 from segjax import models
+from segjax import nn as snn
 from segjax.analysis import init_variables
 from segjax.data import synthetic
 from segjax.errors import SegjaxError
@@ -125,22 +126,29 @@ def test_fixed_size_model_refuses_symbolic_and_writes_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["export"]
 
 
-@pytest.mark.parametrize("name, kw, constraints", [
-    ("unet", dict(base_channels=4, bilinear=True), "H a multiple of 16, W a multiple of 16"),  # align_corners
-    ("lraspp_mobilenet_v3_large", {}, None),  # bilinear resize to the input, global pooling
-])
-def test_resizing_models_export_symbolic_height_and_width(name, kw, constraints, tmp_path):
-    m = models.create(name, num_classes=3, **kw)
+class StridedWithGlobalPool(flax.linen.Module):
+    """LR-ASPP's shape in miniature: stride 2 conv, ceil-mode pool, a global-pool gate, bilinear
+    resize of the logits to the input."""
+    @flax.linen.compact
+    def __call__(self, x, train=False):
+        size = x.shape[1:3]
+        y = jax.nn.relu(flax.linen.Conv(8, (3, 3), strides=2, padding=1)(x))
+        y = snn.max_pool2d(y, 2, 2, ceil_mode=True)
+        y = y * jax.nn.sigmoid(y.mean(axis=(1, 2), keepdims=True))
+        return {"out": snn.resize(flax.linen.Conv(3, (1, 1))(y), size)}
+
+
+def test_a_resizing_model_exports_free_height_and_width(tmp_path):
+    m = StridedWithGlobalPool()
     v = init_variables(m, (64, 64))
-    manifest = E.export(m, v, {"model": name, "num_classes": 3}, str(tmp_path / "x"), example_size=(64, 64))
+    manifest = E.export(m, v, {"model": "strided", "num_classes": 3}, str(tmp_path / "x"), example_size=(64, 64))
     assert manifest["input"]["symbolic_dims"] == ["batch", "height", "width"]
-    assert manifest["input"]["constraints"] == constraints
+    assert manifest["input"]["constraints"] is None and manifest["input"]["shape"] == ["b", "h", "w", 3]
     exported = jax.export.deserialize((tmp_path / "x" / "model.stablehlo").read_bytes())
-    size = (48, 80) if constraints else (37, 50)  # not the traced 64x64; odd sizes where free
-    x = np.random.RandomState(2).standard_normal((2, *size, 3)).astype(np.float32)
+    x = np.random.RandomState(2).standard_normal((2, 37, 50, 3)).astype(np.float32)  # odd, not the traced 64x64
     ref = np.asarray(jax.jit(lambda x: m.apply(v, x, train=False)["out"])(x))
     y = np.asarray(exported.call(x))
-    assert y.shape == ref.shape == (2, *size, 3) and _rel(y, ref) <= 1e-5
+    assert y.shape == ref.shape == (2, 37, 50, 3) and _rel(y, ref) <= 1e-5
 
 
 def test_onnx_missing_says_how_to_install(unet, tmp_path, monkeypatch):
@@ -151,19 +159,19 @@ def test_onnx_missing_says_how_to_install(unet, tmp_path, monkeypatch):
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "x")
 
 
-def test_onnx_matches_jax(unet, tmp_path):
+def test_onnx_matches_jax_with_symbolic_batch_height_and_width(unet, tmp_path):
     m, v = unet
     out = tmp_path / "export"
-    manifest = E.export(m, v, {"model": "unet", "num_classes": 5}, str(out), symbolic=False, onnx=True,
-                        example_size=(64, 64))
+    manifest = E.export(m, v, {"model": "unet", "num_classes": 5}, str(out), onnx=True, example_size=(64, 64))
     assert sorted(os.listdir(out)) == ["model.json", "model.onnx", "model.stablehlo"]
     assert manifest["onnx"]["file"] == "model.onnx" and manifest["checks"]["onnx_rel_max_abs_diff"] <= 1e-4
+    # UNet pads each upsampled map to its skip (lax.pad, replayed through jnp.pad for jax2onnx).
+    assert manifest["onnx"]["symbolic_dims"] == ["batch", "height", "width"] and "fallbacks" not in manifest["onnx"]
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    batch = 2 if "batch" in manifest["onnx"]["symbolic_dims"] else 1
-    x = np.random.RandomState(3).standard_normal((batch, 64, 64, 3)).astype(np.float32)
+    x = np.random.RandomState(3).standard_normal((3, 48, 80, 3)).astype(np.float32)  # not the traced size
     y = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     ref = np.asarray(m.apply(v, x, train=False)["out"])
-    assert _rel(y, ref) <= 1e-4
+    assert y.shape == ref.shape and _rel(y, ref) <= 1e-4
 
 
 def test_a_four_band_checkpoint_exports_with_four_input_channels(tmp_path):

@@ -40,7 +40,9 @@ def crop(x: jax.Array, offset: int, size: tuple[int, int]) -> jax.Array:
     h, w = size
     if not is_symbolic(h, w) and (x.shape[1] < offset + h or x.shape[2] < offset + w):
         raise ValueError(f"crop: {x.shape} is too small for offset {offset} and size {size}")
-    return x[:, offset:offset + h, offset:offset + w]
+    # lax.slice, not x[...]: with symbolic sizes indexing becomes a gather, which jax2onnx lowers
+    # only where the sizes are constants.
+    return jax.lax.slice(x, (0, offset, offset, 0), (x.shape[0], offset + h, offset + w, x.shape[3]))
 
 
 class FCNBackbone(nn.Module):
