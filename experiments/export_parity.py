@@ -3,6 +3,7 @@
     python experiments/export_parity.py                 # every registered model
     python experiments/export_parity.py unet u2netp     # some
     python experiments/export_parity.py --no-onnx ...   # StableHLO only (ONNX conversions take minutes)
+    python experiments/export_parity.py --fixed u2net   # H, W fixed at 64x64 (the batch stays symbolic)
 
 Each model is built at full width (UNet at base_channels=8) with random weights. Parameters that
 start at zero (FCN's score layers, ...) are drawn at random too, so no comparison is of zeros.
@@ -36,7 +37,7 @@ def random_zeros(variables, seed=0):
     return jax.tree_util.tree_unflatten(tree, leaves)
 
 
-def row(name: str, onnx: bool) -> dict:
+def row(name: str, onnx: bool, fixed: bool = False) -> dict:
     kw = SMALL.get(name, {})
     nc = 1 if name.startswith("u2net") else 3
     m = models.create(name, num_classes=nc, **kw)
@@ -46,6 +47,8 @@ def row(name: str, onnx: bool) -> dict:
     r = {"model": name}
     t = time.time()
     try:
+        if fixed:
+            raise SegjaxError("symbolic height/width not asked (--fixed)")
         man = E.export(m, v, meta, out, symbolic=True, onnx=onnx, example_size=EXAMPLE)
         r["symbolic_hw"] = man["input"]["constraints"] or "free"
     except SegjaxError as e:
@@ -83,18 +86,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help="default: every registered model")
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--fixed", action="store_true", help="export at the fixed 64x64 example size")
     p.add_argument("--in-process", action="store_true", help="measure here (default: one process per model: "
                    "jax2onnx keeps state between conversions, and a later symbolic conversion can fail on it)")
     args = p.parse_args(argv)
     names = args.names or models.names()
     if not args.in_process:
-        flags = ["--in-process"] + (["--no-onnx"] if args.no_onnx else [])
+        flags = ["--in-process"] + (["--no-onnx"] if args.no_onnx else []) + (["--fixed"] if args.fixed else [])
         for name in names:
             subprocess.run([sys.executable, __file__, *flags, name], check=False)
         return 0
     for name in names:
         try:
-            r = row(name, onnx=not args.no_onnx)
+            r = row(name, onnx=not args.no_onnx, fixed=args.fixed)
         except SegjaxError as e:
             r = {"model": name, "error": str(e)}
         print(json.dumps(r), flush=True)

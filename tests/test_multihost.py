@@ -210,8 +210,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     _train(recipe, tmp_path / "two", data_dir, 2, "--config.stop_at_step=3")
     outputs = _train(recipe, tmp_path / "two", data_dir, 2)
     assert all("resuming" in out and "from step 3/6" in out for out in outputs)
-    assert sorted(os.listdir(tmp_path / "two" / "checkpoints" / "6" / "data")) == [
-        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+    # one iterator state per process (orbax 0.12 adds a commit_success.txt beside them, 0.11 does not)
+    written = set(os.listdir(tmp_path / "two" / "checkpoints" / "6" / "data")) - {"commit_success.txt"}
+    assert written == {"process_0-of-2.json", "process_1-of-2.json"}
 
     one, two = _final_variables(tmp_path / "one"), _final_variables(tmp_path / "two")
     diff = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), one, two)

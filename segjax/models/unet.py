@@ -48,6 +48,9 @@ class DoubleConv(nn.Module):
 def pad_to(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Zero-pads NHWC `x` to spatial `size`: half the difference before, the rest after (F.pad rule)."""
     dy, dx = size[0] - x.shape[1], size[1] - x.shape[2]
+    if snn.is_symbolic(dy, dx):  # jax.export with free H, W: deciding the pad's sign took minutes, then failed
+        raise ValueError("UNet: with symbolic H, W the upsampled map and its skip differ by a size-dependent "
+                         "amount; give H and W multiples of 16")
     return jnp.pad(x, ((0, 0), (dy // 2, dy - dy // 2), (dx // 2, dx - dx // 2), (0, 0)))
 
 
