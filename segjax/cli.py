@@ -191,18 +191,25 @@ def _add_export(sub):
     p.add_argument("--fixed-size", nargs=2, type=int, default=None, metavar=("H", "W"),
                    help="export for one input size instead of symbolic H and W")
     p.add_argument("--onnx", action="store_true", help='also model.onnx through jax2onnx (pip install "segjax[export]")')
+    p.add_argument("--onnx-fixed-size", nargs=2, type=int, default=None, metavar=("H", "W"),
+                   help="convert the ONNX model at this size (symbolic batch) while the StableHLO keeps symbolic "
+                   "H and W; U2-Net needs it (its symbolic ONNX conversion does not finish)")
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args):
     from segjax import export, inference
 
+    if args.fixed_size and args.onnx_fixed_size and args.fixed_size != args.onnx_fixed_size:
+        raise SegjaxError(f"--fixed-size {' '.join(map(str, args.fixed_size))} and --onnx-fixed-size "
+                          f"{' '.join(map(str, args.onnx_fixed_size))} differ; give one of them")
     _quiet_orbax()
     loaded, meta = inference.load_for_inference(args.checkpoint)
-    size = tuple(args.fixed_size) if args.fixed_size else (64, 64)
+    size = tuple(args.fixed_size or args.onnx_fixed_size or (64, 64))
     with writes_to(args.out_dir, "output directory"):
         export.export(loaded.model, loaded.variables, meta, args.out_dir, probabilities=args.probabilities,
-                      symbolic=args.fixed_size is None, onnx=args.onnx, example_size=size)
+                      symbolic=args.fixed_size is None, onnx=args.onnx or bool(args.onnx_fixed_size),
+                      onnx_symbolic_hw=args.onnx_fixed_size is None, example_size=size)
     import os
     print(f"wrote {args.out_dir}: {meta['model']} ({', '.join(sorted(os.listdir(args.out_dir)))})")
 

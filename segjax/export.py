@@ -276,7 +276,7 @@ def onnx_export(fn, example_size, name: str, spatial: tuple | None = None, x: np
 # ------------------------------------------------------------------------------------- export
 
 def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = False, symbolic: bool = True,
-           onnx: bool = False, example_size: Sequence[int] = (64, 64),
+           onnx: bool = False, onnx_symbolic_hw: bool = True, example_size: Sequence[int] = (64, 64),
            platforms: Sequence[str] = DEFAULT_PLATFORMS, check: bool = True) -> dict:
     """Write model.stablehlo, model.json (and model.onnx with `onnx=True`) into `out_dir`; return model.json's dict.
 
@@ -286,6 +286,9 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
     symbolic: symbolic H and W (the batch is always symbolic); raises SegjaxError for a model that
         needs concrete sizes (then pass symbolic=False: H, W fixed at example_size).
     onnx: also write model.onnx via jax2onnx, checked against jax with onnxruntime.
+    onnx_symbolic_hw: try symbolic H, W in ONNX too (when the StableHLO has them); False converts at
+        example_size with a symbolic batch. U2-Net needs False: with symbolic H, W its jax2onnx conversion
+        did not finish (u2netp: over 20 CPU minutes in jax2onnx's graph optimizer; u2net: past 21 GB).
     example_size: (H, W) traced for the fixed-size export, used for the checks and the stride probe.
     platforms: the jax.export lowering platforms of model.stablehlo.
     check: run the deserialised artifact (and the ONNX model) once against the model and refuse
@@ -351,7 +354,7 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
     onnx_bytes, onnx_info = None, None
     if onnx:
         spatial = None
-        if symbolic:
+        if symbolic and onnx_symbolic_hw:
             spatial = tuple(str(d) for d in exported.in_avals[0].shape[1:3])
         onnx_bytes, onnx_dims, diff, onnx_fallbacks = onnx_export(
             _inference_fn(model, variables, task, probabilities, barrier=False), (h, w), f"{name}_{'probabilities' if probabilities else 'logits'}", spatial,

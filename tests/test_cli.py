@@ -148,6 +148,11 @@ def test_export_of_a_trained_workdir(trained, tmp_path, capsys):
     assert {"model.stablehlo", "model.json"} <= set(os.listdir(out))
     info = json.loads((out / "model.json").read_text())
     assert info["class_names"][:2] == ["background", "disc"] and len(info["input"]["mean"]) == 3
+    capsys.readouterr()
+    assert cli.main(["export", "--checkpoint", str(workdir), str(tmp_path / "no"), "--fixed-size", "32", "32",
+                     "--onnx-fixed-size", "48", "48"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--onnx-fixed-size 48 48 differ" in err[0] and not (tmp_path / "no").exists()
 
 
 def test_bad_override_is_a_one_line_error_with_status_2(tmp_path):

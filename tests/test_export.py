@@ -151,6 +151,17 @@ def test_a_resizing_model_exports_free_height_and_width(tmp_path):
     assert y.shape == ref.shape == (2, 37, 50, 3) and _rel(y, ref) <= 1e-5
 
 
+def test_onnx_at_a_fixed_size_beside_a_symbolic_stablehlo(tmp_path):
+    m = StridedWithGlobalPool()
+    v = init_variables(m, (64, 64))
+    manifest = E.export(m, v, {"model": "strided", "num_classes": 3}, str(tmp_path / "x"), onnx=True,
+                        onnx_symbolic_hw=False, example_size=(40, 56))
+    assert manifest["input"]["symbolic_dims"] == ["batch", "height", "width"]
+    assert manifest["onnx"]["symbolic_dims"] == ["batch"] and manifest["checks"]["onnx_rel_max_abs_diff"] <= 1e-4
+    sess = ort.InferenceSession(str(tmp_path / "x" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [d for d in sess.get_inputs()[0].shape[1:]] == [40, 56, 3]
+
+
 def test_onnx_missing_says_how_to_install(unet, tmp_path, monkeypatch):
     m, v = unet
     monkeypatch.setitem(sys.modules, "jax2onnx", None)  # import fails
