@@ -196,7 +196,7 @@ def _max_pool_3d(x, window, strides, padding):
 
 
 def _for_onnx(eqn, invals):
-    """jax2onnx stand-ins for two equations it converts wrongly; None for any other equation.
+    """jax2onnx stand-ins for the equations it converts wrongly; None for any other equation.
 
     - an NHWC max pool (window and stride 1 on N and C, no dilation or N/C padding) is replayed as a
       3-D pool (see `_max_pool_3d`);
