@@ -508,6 +508,12 @@ def is_symbolic(*sizes) -> bool:
     return any(jax.export.is_symbolic_dim(n) for n in sizes)
 
 
+def _table_arrays(*sizes):
+    """(array module, float type) for index tables over `sizes`: numpy float64 constants for concrete
+    sizes, jnp float32 in the program for symbolic ones."""
+    return (jnp, jnp.float32) if is_symbolic(*sizes) else (np, np.float64)
+
+
 def _source_index(out_size, in_size, align_corners: bool, scale_factor: float | None = None):
     """Lower index, upper index and weight of the upper one, as torch's linear interpolation computes them.
 
@@ -516,7 +522,7 @@ def _source_index(out_size, in_size, align_corners: bool, scale_factor: float | 
     numpy tables (constants in the compiled program); symbolic ones (`jax.export` with free H, W)
     give the same arithmetic in jnp, in float32.
     """
-    xp, ftype = (jnp, jnp.float32) if is_symbolic(out_size, in_size) else (np, np.float64)
+    xp, ftype = _table_arrays(out_size, in_size)
     dst = xp.arange(out_size, dtype=ftype)
     n_in, n_out = xp.asarray(in_size, ftype), xp.asarray(out_size, ftype)
     if align_corners:  # out_size == 1 samples pixel 0 whatever the ratio
@@ -579,7 +585,7 @@ _lerp.defvjp(_lerp_forward, _lerp_backward)
 
 def _nearest_index(out_size, in_size):
     """torch's 'nearest': source floor(dst * in / out), clamped."""
-    xp, ftype = (jnp, jnp.float32) if is_symbolic(out_size, in_size) else (np, np.float64)
+    xp, ftype = _table_arrays(out_size, in_size)
     ratio = xp.asarray(in_size, ftype) / xp.asarray(out_size, ftype)
     return xp.minimum(xp.floor(xp.arange(out_size, dtype=ftype) * ratio).astype(xp.int32), in_size - 1)
 
