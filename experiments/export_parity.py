@@ -23,6 +23,7 @@ import numpy as np
 from segjax import export as E
 from segjax import models
 from segjax.analysis import init_variables
+from segjax.card import ModelCard
 from segjax.errors import SegjaxError
 
 SMALL = {"unet": dict(base_channels=8)}
@@ -49,13 +50,13 @@ def row(name: str, onnx: bool, fixed: bool = False) -> dict:
     try:
         if fixed:
             raise SegjaxError("symbolic height/width not asked (--fixed)")
-        man = E.export(m, v, meta, out, symbolic=True, onnx=onnx, example_size=EXAMPLE)
+        man = E.export(ModelCard.from_meta(meta), v, out, model=m, symbolic=True, onnx=onnx, example_size=EXAMPLE)
         r["symbolic_hw"] = man["input"]["constraints"] or "free"
     except SegjaxError as e:
         if "symbolic height/width" not in str(e):
             raise
         r["symbolic_hw"] = "no: " + str(e)
-        man = E.export(m, v, meta, out, symbolic=False, onnx=onnx, example_size=EXAMPLE)
+        man = E.export(ModelCard.from_meta(meta), v, out, model=m, symbolic=False, onnx=onnx, example_size=EXAMPLE)
     r["export_s"] = round(time.time() - t, 1)
     r["stablehlo_rel_64x64"] = man["checks"]["stablehlo_rel_max_abs_diff"]
     x = np.random.RandomState(1).standard_normal((2, *OTHER, 3)).astype(np.float32)

@@ -138,18 +138,15 @@ def _add_tile_flags(p):
 
 
 def _run_eval(args):
-    from segjax import evaluate, metrics
+    from segjax import evaluate
 
     use_compilation_cache(args.compilation_cache)
     _quiet_orbax()
-    scores, names, meta = evaluate.evaluate(args.checkpoint or args.workdir, dataset=args.dataset, split=args.split,
-                                            data_dir=args.data_dir, multi_scale=args.multi_scale, flip=args.flip,
-                                            batch_size=args.batch_size, ms_rule=args.ms_rule, tile=_tile(args),
-                                            overlap=args.overlap, tile_batch=args.tile_batch)
-    if "confusion" in scores or "iou" in scores:
-        print(metrics.format_table(scores, names))
-    else:
-        print("  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+    scores, names, loaded = evaluate.evaluate(args.checkpoint or args.workdir, dataset=args.dataset,
+                                              split=args.split, data_dir=args.data_dir, multi_scale=args.multi_scale,
+                                              flip=args.flip, batch_size=args.batch_size, ms_rule=args.ms_rule,
+                                              tile=_tile(args), overlap=args.overlap, tile_batch=args.tile_batch)
+    print(loaded.card.task.format_scores(scores, names))
 
 
 # ------------------------------------------------------------------------------------------ predict
@@ -204,14 +201,15 @@ def _run_export(args):
         raise SegjaxError(f"--fixed-size {' '.join(map(str, args.fixed_size))} and --onnx-fixed-size "
                           f"{' '.join(map(str, args.onnx_fixed_size))} differ; give one of them")
     _quiet_orbax()
-    loaded, meta = inference.load_for_inference(args.checkpoint)
+    loaded = inference.load_for_inference(args.checkpoint)
     size = tuple(args.fixed_size or args.onnx_fixed_size or (64, 64))
     with writes_to(args.out_dir, "output directory"):
-        export.export(loaded.model, loaded.variables, meta, args.out_dir, probabilities=args.probabilities,
-                      symbolic=args.fixed_size is None, onnx=args.onnx or bool(args.onnx_fixed_size),
-                      onnx_symbolic_hw=args.onnx_fixed_size is None, example_size=size)
+        export.export(loaded.card, loaded.variables, args.out_dir, model=loaded.model,
+                      probabilities=args.probabilities, symbolic=args.fixed_size is None,
+                      onnx=args.onnx or bool(args.onnx_fixed_size), onnx_symbolic_hw=args.onnx_fixed_size is None,
+                      example_size=size)
     import os
-    print(f"wrote {args.out_dir}: {meta['model']} ({', '.join(sorted(os.listdir(args.out_dir)))})")
+    print(f"wrote {args.out_dir}: {loaded.card.model} ({', '.join(sorted(os.listdir(args.out_dir)))})")
 
 
 # ------------------------------------------------------------------------------------------ inspect

@@ -178,7 +178,7 @@ def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     every training sample. Evaluation pads each batch to the split's largest image, rounded up to a
     multiple of 32, so it has no size limit.
     """
-    from segjax import losses, models
+    from segjax import losses, models, tasks
 
     def bad(key, why):
         return SegjaxError(f"config.{key}={config[key]!r}: {why}")
@@ -221,14 +221,15 @@ def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         raise bad("crop_size", f"larger than the largest resized shorter side, base_size x scale_range[1] = "
                                f"{config.base_size} x {scales[1]:g} = {largest:g}, so every training crop would be "
                                f"padding; use --config.crop_size <= {int(largest)} or raise base_size")
-    choices = {"task": ("segmentation", "saliency"), "dtype": ("float32", "bfloat16", "float16"),
+    choices = {"task": tuple(tasks.TASKS), "dtype": ("float32", "bfloat16", "float16"),
                "schedule": ("poly", "cosine"), "optimizer": ("sgd", "adamw"), "nonfinite": ("stop", "skip"),
                "loss": losses.LOSSES, "best_metric": ("miou", "mean_acc", "global_acc", "fwiou", "max_f")}
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise bad(key, f"choose one of {', '.join(allowed)}")
-    if config.num_classes < 1 or (config.task == "saliency" and config.num_classes != 1):
-        raise bad("num_classes", "must be >= 1 (1 for the saliency task)")
+    fixed = tasks.get(config.task).fixed_num_classes
+    if config.num_classes < 1 or (fixed and config.num_classes != fixed):
+        raise bad("num_classes", "must be >= 1" + (f" ({fixed} for the {config.task} task)" if fixed else ""))
     if config.model not in models.names():
         raise bad("model", f"unknown model; choose one of {', '.join(models.names())}")
 

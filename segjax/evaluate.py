@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import jax
 
-from segjax import inference, metrics
+from segjax import inference, metrics, tasks
 from segjax import step as S
 from segjax.errors import SegjaxError
 
 MS_SCALES = inference.MS_SCALES
 
 
-def evaluate_dataset(parallel: S.DataParallel, variables: dict, loader, task: str) -> dict:
-    """Sums the eval step over a loader on the host in int64/float64; returns metrics.scores(...)."""
+def evaluate_dataset(parallel: S.DataParallel, variables: dict, loader, task: str | tasks.Task) -> dict:
+    """Sums the eval step over a loader on the host in int64/float64; returns the task's scores."""
     total, running = None, None
     for batch in _then_none(loader):  # a batch's sums are fetched once the next batch is dispatched
         if batch is not None:
@@ -27,9 +27,7 @@ def evaluate_dataset(parallel: S.DataParallel, variables: dict, loader, task: st
             total = metrics.accumulate(total, jax.device_get(previous))
     if total is None:
         raise SegjaxError("the evaluation split is empty")
-    if task == "saliency":
-        return metrics.saliency_scores(total)
-    return metrics.scores(total["confusion"])
+    return tasks.get(task).scores(total)
 
 
 def _then_none(iterable):
@@ -40,40 +38,39 @@ def _then_none(iterable):
 def evaluate_tiled(loaded: inference.InferenceModel, loader, tile, overlap: float = 0.25, tile_batch: int = 4,
                    scales=(1.0,), flip: bool = False, ms_rule: str = "mean-probs") -> dict:
     """Scores with sliding-window inference (segjax.tiling), image by image (loader batches of 1)."""
-    from segjax import analysis, tiling
+    from segjax import tiling
 
-    stride = analysis.output_stride(loaded.model, variables=loaded.variables)["feature"] or 1
-    probs_fn = tiling.make_probs_fn(loaded.apply_fn, loaded.variables, scales, flip, loaded.task, ms_rule)
+    card = loaded.card
+    probs_fn = tiling.make_probs_fn(loaded.apply_fn, loaded.variables, scales, flip, card.task, ms_rule)
     total = None
     for batch in loader:
         for image, mask in zip(batch["image"], batch["mask"]):
-            probs = tiling.predict_tiled(probs_fn, image, tile, overlap, tile_batch, output_stride=stride)
-            if loaded.task == "saliency":
-                sums = metrics.saliency_sums(probs[None, ..., 0], mask[None])
-            else:
-                sums = {"confusion": metrics.confusion_matrix(probs.argmax(-1), mask, loaded.num_classes)}
+            probs = tiling.predict_tiled(probs_fn, image, tile, overlap, tile_batch,
+                                         output_stride=loaded.output_stride)
+            sums = card.task.eval_sums(probs[None], mask[None], card.num_classes)
             total = metrics.accumulate(total, jax.device_get(sums))
     if total is None:
         raise SegjaxError("the evaluation split is empty")
-    return metrics.saliency_scores(total) if loaded.task == "saliency" else metrics.scores(total["confusion"])
+    return card.task.scores(total)
 
 
 def evaluate(path: str, *, dataset: str | None = None, split: str | None = None, data_dir: str | None = None,
              multi_scale: bool = False, flip: bool = False, batch_size: int = 8,
              ms_rule: str = "mean-probs", tile=None, overlap: float = 0.25,
-             tile_batch: int = 4) -> tuple[dict, list[str], dict]:
-    """Returns (scores, class names, checkpoint meta). `tile` (H, W): sliding-window inference."""
+             tile_batch: int = 4) -> tuple[dict, list[str], inference.InferenceModel]:
+    """Returns (scores, class names, the loaded model). `tile` (H, W): sliding-window inference."""
     from segjax import data
 
-    loaded, meta = inference.load_for_inference(path)
-    config = meta.get("config", {})
-    dataset = dataset or meta.get("dataset")
+    loaded = inference.load_for_inference(path)
+    card = loaded.card
+    config = card.extra.get("config", {})
+    dataset = dataset or card.dataset
     if not dataset:
         raise SegjaxError(f"{path}: the checkpoint does not name its data set; pass --dataset NAME")
     if ms_rule not in MS_SCALES:
         raise SegjaxError(f"--ms-rule {ms_rule}: choose one of {', '.join(MS_SCALES)}")
     if multi_scale and ms_rule == "max-logits" and not inference.supports_max_logits(loaded.model):
-        raise SegjaxError(f"--ms-rule max-logits: model {meta['model']} has no logits at its own output stride; "
+        raise SegjaxError(f"--ms-rule max-logits: model {card.model} has no logits at its own output stride; "
                           "use --ms-rule mean-probs")
     split = split or config.get("eval_split", "val")
     data_dir = data_dir or config.get("data_dir") or data.default_data_dir()
@@ -81,20 +78,20 @@ def evaluate(path: str, *, dataset: str | None = None, split: str | None = None,
         data.prepare("synthetic", data_dir, progress=False, **config.get("data_options", {}))
     source = data.open_source(dataset, split, data_dir)
     names = data.known_class_names(dataset, data_dir)
-    if loaded.task == "segmentation" and len(names) > loaded.num_classes:
-        raise SegjaxError(f"{path}: the checkpoint predicts {loaded.num_classes} classes but data set '{dataset}' "
+    if card.task.labels_are_classes and len(names) > card.num_classes:
+        raise SegjaxError(f"{path}: the checkpoint predicts {card.num_classes} classes but data set '{dataset}' "
                           f"has {len(names)}; evaluate it on the data set it was trained on (--dataset)")
     scales = MS_SCALES[ms_rule] if multi_scale else tuple(config.get("eval_scales", (1.0,)))
     flip = flip or bool(config.get("eval_flip", False))
     if tile is not None:
         loader = data.make_eval_loader(source, batch_size=1, base_size=config.get("base_size"),
-                                       mean=loaded.mean, std=loaded.std)
+                                       mean=card.mean, std=card.std)
         scores = evaluate_tiled(loaded, loader, tile, overlap, tile_batch, scales, flip, ms_rule)
     else:
-        parallel = S.DataParallel(S.make_mesh(), loaded.apply_fn, num_classes=loaded.num_classes, task=loaded.task,
+        parallel = S.DataParallel(S.make_mesh(), loaded.apply_fn, num_classes=card.num_classes, task=card.task,
                                   scales=scales, flip=flip, ms_rule=ms_rule)
         batch_size = max(batch_size - batch_size % jax.device_count(), jax.device_count())
         loader = data.make_eval_loader(source, batch_size=batch_size, base_size=config.get("base_size"),
-                                       mean=loaded.mean, std=loaded.std)
-        scores = evaluate_dataset(parallel, parallel.put_state(loaded.variables), loader, loaded.task)
-    return scores, data.names_or_numbers(dataset, loaded.num_classes, data_dir), meta
+                                       mean=card.mean, std=card.std)
+        scores = evaluate_dataset(parallel, parallel.put_state(loaded.variables), loader, card.task)
+    return scores, data.names_or_numbers(dataset, card.num_classes, data_dir), loaded

@@ -1,6 +1,6 @@
 """Deployable inference artifacts: a serialised `jax.export` (StableHLO) module, optional ONNX, and model.json.
 
-`export(model, variables, meta, out_dir)` writes into `out_dir`:
+`export(card, variables, out_dir)` writes into `out_dir`:
 
 - `model.stablehlo`: `jax.export.export(jax.jit(f)).serialize()` of `f(x) = model.apply(variables, x)["out"]`
   (or its probabilities), weights baked in. Input: (N, H, W, 3) float32 RGB images scaled to 0-1 and
@@ -9,8 +9,9 @@
   `example_size`. It runs with jax alone: `jax.export.deserialize(data).call(x)` (lowered for CPU and
   CUDA by default).
 - `model.onnx` (with `onnx=True`): the same function through jax2onnx, checked with onnxruntime.
-- `model.json`: what a runtime needs besides the graph: normalisation, layout, output kind, class
-  names, palette, output stride, which dimensions are symbolic (and their constraints), versions.
+- `model.json`: the model's card (`segjax.card.ModelCard.from_meta` reads it back) and what a runtime
+  needs besides the graph: normalisation, layout, output kind, class names, palette, output stride,
+  which dimensions are symbolic (and their constraints), versions.
 
 Everything is written into a temporary folder beside `out_dir` and moved into place at the end, so a
 failure leaves no partial export. Convolutions are traced with segjax's plain `lax` lowering
@@ -34,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax import __version__, analysis
+from segjax import __version__, analysis, tasks
+from segjax.card import ModelCard, jsonable
 from segjax.errors import SegjaxError
 
 FORMAT = "segjax-export"
@@ -48,44 +50,7 @@ STABLEHLO_TOLERANCE = 1e-5  # the same for the deserialised artifact against seg
 INSTALL_HINT = 'pip install "segjax[export]"'
 
 
-# ------------------------------------------------------------------------------------- metadata
-
-def _task(meta: dict) -> str:
-    return meta.get("task") or ("saliency" if str(meta.get("model", "")).startswith("u2net") else "segmentation")
-
-
-def _class_names(meta: dict, num_classes: int, task: str) -> list[str]:
-    names = meta.get("class_names")
-    if not names and task == "saliency":
-        names = ["salient"] if num_classes == 1 else None
-    if not names:
-        from segjax import data
-        return data.names_or_numbers(meta.get("dataset"), num_classes)
-    names = list(names)
-    if len(names) != num_classes:
-        names = [str(i) for i in range(num_classes)]
-    return [str(n) for n in names]
-
-
-def _palette(num_classes: int, task: str) -> list[list[int]] | None:
-    if task == "saliency":
-        return None
-    from segjax.data.synthetic import voc_palette
-    pal = voc_palette()
-    return [pal[3 * (i % 256): 3 * (i % 256) + 3] for i in range(num_classes)]
-
-
-def _jsonable(v):
-    if isinstance(v, (tuple, list)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (np.integer, np.floating)):
-        return v.item()
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)
-
+# ------------------------------------------------------------------------------------- tracing
 
 def _output_stride(model, variables, example_size, num_classes, channels: int = 3) -> dict:
     shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
@@ -95,8 +60,6 @@ def _output_stride(model, variables, example_size, num_classes, channels: int = 
     except Exception:  # a model whose intermediates cannot be probed: leave the stride out
         return {"feature": None, "logits": None}
 
-
-# ------------------------------------------------------------------------------------- tracing
 
 def _where(e: BaseException) -> str:
     """file:line of the innermost segjax frame of `e` (where a model needed a concrete size)."""
@@ -113,7 +76,7 @@ def _reason(e: BaseException) -> str:
     return (first[:160] + "...") if len(first) > 160 else first
 
 
-def _inference_fn(model, variables, task: str, probabilities: bool, barrier: bool = True):
+def _inference_fn(model, variables, task: tasks.Task, probabilities: bool, barrier: bool = True):
     """x -> logits (or probabilities) with the weights baked in. `barrier` keeps XLA from constant-folding
     through the baked weights: with them folded, XLA:CPU returned NaN / 1e17 for fcn32s_vgg16 (whose
     zero-initialised score layer must give exactly 0), where the same function with the weights as
@@ -121,9 +84,7 @@ def _inference_fn(model, variables, task: str, probabilities: bool, barrier: boo
     def fn(x):
         weights = jax.lax.optimization_barrier(variables) if barrier else variables
         logits = model.apply(weights, x, train=False)["out"]
-        if not probabilities:
-            return logits
-        return jax.nn.sigmoid(logits) if task == "saliency" else jax.nn.softmax(logits, axis=-1)
+        return task.activate(logits) if probabilities else logits
     return fn
 
 
@@ -275,13 +236,14 @@ def onnx_export(fn, example_size, name: str, spatial: tuple | None = None, x: np
 
 # ------------------------------------------------------------------------------------- export
 
-def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = False, symbolic: bool = True,
-           onnx: bool = False, onnx_symbolic_hw: bool = True, example_size: Sequence[int] = (64, 64),
-           platforms: Sequence[str] = DEFAULT_PLATFORMS, check: bool = True) -> dict:
+def export(card: ModelCard, variables, out_dir: str, *, model=None, probabilities: bool = False,
+           symbolic: bool = True, onnx: bool = False, onnx_symbolic_hw: bool = True,
+           example_size: Sequence[int] = (64, 64), platforms: Sequence[str] = DEFAULT_PLATFORMS,
+           check: bool = True) -> dict:
     """Write model.stablehlo, model.json (and model.onnx with `onnx=True`) into `out_dir`; return model.json's dict.
 
-    model, variables: a segjax model and its variables ({"params", "batch_stats"}).
-    meta: checkpoint meta ("model", "model_kwargs", "num_classes", "task", "mean", "std", "dataset").
+    card: the model's ModelCard (segjax.card); variables: its {"params", "batch_stats"}.
+    model: the flax module, when it is not the registry model the card names (default: card.build()).
     probabilities: output softmax probabilities (sigmoid for saliency) instead of logits.
     symbolic: symbolic H and W (the batch is always symbolic); raises SegjaxError for a model that
         needs concrete sizes (then pass symbolic=False: H, W fixed at example_size).
@@ -299,110 +261,122 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
         raise SegjaxError(f"example size {h}x{w}: give a positive height and width")
     if onnx:
         _onnx_modules()
-    name = meta.get("model") or type(model).__name__
-    task = _task(meta)
-    num_classes = int(meta.get("num_classes") or getattr(model, "num_classes", 0) or 0)
-    if not num_classes:
-        raise SegjaxError(f"{name}: the meta does not say the number of classes")
-    from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # checkpoints older than their mean/std
-    mean = [float(v) for v in meta.get("mean") or IMAGENET_MEAN]
-    std = [float(v) for v in meta.get("std") or IMAGENET_STD]
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SegjaxError(f"{out_dir}: the export folder is a file; pick another folder")
-
-    fn = _inference_fn(model, variables, task, probabilities)
-    channels = int(meta.get("in_channels") or 3)  # a multi-band checkpoint (segjax convert --set in_channels=N)
-    stride = _output_stride(model, variables, (h, w), num_classes, channels)
-
-    # ---- StableHLO
-    constraint, exported = None, None
-    if symbolic:
-        failures = []
-        for shape, why in _symbolic_attempts(stride["feature"], (h, w), channels):
-            try:
-                exported = _trace(fn, _spec(shape), platforms)
-                constraint = why
-                break
-            except Exception as e:  # noqa: BLE001  shape polymorphism refused: try the next constraint
-                failures.append(f"{_reason(e)}{_where(e)}")
-        if exported is None:
-            raise SegjaxError(f"{name} cannot be exported with symbolic height/width: it needs concrete sizes "
-                              f"({failures[-1]}); export a fixed size instead (symbolic=False, "
-                              f"{h}x{w} from example_size)")
-    else:
-        try:
-            exported = _trace(fn, _spec(f"b, {h}, {w}, {channels}"), platforms)
-        except Exception as e:  # noqa: BLE001
-            raise SegjaxError(f"{name}: jax.export failed at {h}x{w}: {_reason(e)}{_where(e)}") from None
-    in_shape = [str(d) if not isinstance(d, int) else d for d in exported.in_avals[0].shape]
-    out_shape = [str(d) if not isinstance(d, int) else d for d in exported.out_avals[0].shape]
+    model = card.build() if model is None else model
+    fn = _inference_fn(model, variables, card.task, probabilities)
+    stride = _output_stride(model, variables, (h, w), card.num_classes, card.in_channels)
+    exported, constraint = _trace_stablehlo(card, fn, stride["feature"], (h, w), symbolic, platforms)
     blob = exported.serialize()
-
-    report = {}
-    x = np.random.RandomState(0).standard_normal((2, h, w, channels)).astype(np.float32)
-    ref = None
-    if check:  # the model with its variables as arguments, as segjax runs it
-        ref = np.asarray(jax.jit(lambda v, x: _inference_fn(model, v, task, probabilities, False)(x))(variables, x))
-        if "cpu" in exported.platforms or jax.default_backend() in exported.platforms:
-            got = np.asarray(jax.export.deserialize(blob).call(x))
-            report["stablehlo_rel_max_abs_diff"] = _rel_diff(got, ref)
-            if not report["stablehlo_rel_max_abs_diff"] <= STABLEHLO_TOLERANCE:  # NaN fails too
-                raise SegjaxError(f"{name}: the exported StableHLO disagrees with the model (relative max-abs "
-                                  f"difference {report['stablehlo_rel_max_abs_diff']:.1e} > {STABLEHLO_TOLERANCE:g})")
-
-    # ---- ONNX
+    checks, x, ref = {}, None, None
+    if check:
+        x, ref, diff = _check_stablehlo(card, model, variables, exported, blob, probabilities, (h, w))
+        if diff is not None:
+            checks["stablehlo_rel_max_abs_diff"] = diff
     onnx_bytes, onnx_info = None, None
     if onnx:
-        spatial = None
-        if symbolic and onnx_symbolic_hw:
-            spatial = tuple(str(d) for d in exported.in_avals[0].shape[1:3])
-        onnx_bytes, onnx_dims, diff, onnx_fallbacks = onnx_export(
-            _inference_fn(model, variables, task, probabilities, barrier=False), (h, w), f"{name}_{'probabilities' if probabilities else 'logits'}", spatial,
-            x if check else None, ref, channels)
-        onnx_info = {"file": ONNX_FILE, "symbolic_dims": onnx_dims, "opset": None,
-                     "jax2onnx_version": _version("jax2onnx"), "onnxruntime_version": _version("onnxruntime")}
-        try:
-            import onnx as onnx_lib
-            onnx_info["opset"] = max(o.version for o in onnx_lib.load_from_string(onnx_bytes).opset_import
-                                     if o.domain in ("", "ai.onnx"))
-        except Exception:  # noqa: BLE001  the opset is informative only
-            pass
-        if onnx_fallbacks:
-            onnx_info["fallbacks"] = onnx_fallbacks  # the more symbolic shapes tried first, and why they failed
+        spatial = tuple(str(d) for d in exported.in_avals[0].shape[1:3]) if symbolic and onnx_symbolic_hw else None
+        onnx_bytes, onnx_info, diff = _export_onnx(card, model, variables, probabilities, (h, w), spatial, x, ref)
         if diff is not None:
-            report["onnx_rel_max_abs_diff"] = diff
+            checks["onnx_rel_max_abs_diff"] = diff
+    manifest = _manifest(card.replace(output_stride=stride["feature"]), exported, stride, probabilities, symbolic,
+                         constraint, (h, w), onnx_info, checks)
+    files = {STABLEHLO_FILE: blob, MANIFEST_FILE: (json.dumps(manifest, indent=2) + "\n").encode()}
+    if onnx_bytes is not None:
+        files[ONNX_FILE] = onnx_bytes
+    _write_folder(out_dir, files, stale=() if onnx else (ONNX_FILE,))
+    return manifest
 
-    symbolic_dims = ["batch"] + (["height", "width"] if symbolic else [])
-    manifest = {
+
+def _trace_stablehlo(card: ModelCard, fn, stride, example_size, symbolic: bool, platforms):
+    """(jax.export.Exported, constraint text or None): free H, W, else multiples of the output stride,
+    else (symbolic=False) fixed at example_size."""
+    h, w = example_size
+    if not symbolic:
+        try:
+            return _trace(fn, _spec(f"b, {h}, {w}, {card.in_channels}"), platforms), None
+        except Exception as e:  # noqa: BLE001
+            raise SegjaxError(f"{card.model}: jax.export failed at {h}x{w}: {_reason(e)}{_where(e)}") from None
+    failures = []
+    for shape, why in _symbolic_attempts(stride, example_size, card.in_channels):
+        try:
+            return _trace(fn, _spec(shape), platforms), why
+        except Exception as e:  # noqa: BLE001  shape polymorphism refused: try the next constraint
+            failures.append(f"{_reason(e)}{_where(e)}")
+    raise SegjaxError(f"{card.model} cannot be exported with symbolic height/width: it needs concrete sizes "
+                      f"({failures[-1]}); export a fixed size instead (symbolic=False, {h}x{w} from example_size)")
+
+
+def _check_stablehlo(card: ModelCard, model, variables, exported, blob: bytes, probabilities: bool, example_size):
+    """(x, the model's output on x, the artifact's relative difference from it or None where the artifact
+    cannot run on this backend). The reference runs the model with its variables as arguments, as segjax
+    does; a difference above STABLEHLO_TOLERANCE (or NaN) is an error."""
+    x = np.random.RandomState(0).standard_normal((2, *example_size, card.in_channels)).astype(np.float32)
+    ref = np.asarray(jax.jit(lambda v, x: _inference_fn(model, v, card.task, probabilities, False)(x))(variables, x))
+    if "cpu" not in exported.platforms and jax.default_backend() not in exported.platforms:
+        return x, ref, None
+    diff = _rel_diff(np.asarray(jax.export.deserialize(blob).call(x)), ref)
+    if not diff <= STABLEHLO_TOLERANCE:  # NaN fails too
+        raise SegjaxError(f"{card.model}: the exported StableHLO disagrees with the model (relative max-abs "
+                          f"difference {diff:.1e} > {STABLEHLO_TOLERANCE:g})")
+    return x, ref, diff
+
+
+def _export_onnx(card: ModelCard, model, variables, probabilities: bool, example_size, spatial, x, ref):
+    """(ONNX bytes, model.json's "onnx" entry, relative difference from `ref` or None)."""
+    name = f"{card.model}_{'probabilities' if probabilities else 'logits'}"
+    data, dims, diff, fallbacks = onnx_export(_inference_fn(model, variables, card.task, probabilities, barrier=False),
+                                              example_size, name, spatial, x, ref, card.in_channels)
+    info = {"file": ONNX_FILE, "symbolic_dims": dims, "opset": None,
+            "jax2onnx_version": _version("jax2onnx"), "onnxruntime_version": _version("onnxruntime")}
+    try:
+        import onnx as onnx_lib
+        info["opset"] = max(o.version for o in onnx_lib.load_from_string(data).opset_import
+                            if o.domain in ("", "ai.onnx"))
+    except Exception:  # noqa: BLE001  the opset is informative only
+        pass
+    if fallbacks:
+        info["fallbacks"] = fallbacks  # the more symbolic shapes tried first, and why they failed
+    return data, info, diff
+
+
+def _manifest(card: ModelCard, exported, stride: dict, probabilities: bool, symbolic: bool, constraint,
+              example_size, onnx_info, checks: dict) -> dict:
+    """model.json: the card (ModelCard.from_meta reads it back) and what a runtime needs besides the graph."""
+    shape = lambda aval: [d if isinstance(d, int) else str(d) for d in aval.shape]  # noqa: E731
+    bands = card.in_channels
+    return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "segjax_version": __version__,
-        "model": name, "model_kwargs": _jsonable(meta.get("model_kwargs") or {}), "task": task,
-        "num_classes": num_classes, "dataset": meta.get("dataset"),
+        **card.to_meta(),
         "input": {
-            "layout": "NHWC", "dtype": "float32", "channels": "RGB" if channels == 3 else f"{channels} bands", "shape": in_shape,
-            "normalisation": ("x = (rgb / 255 - mean) / std" if channels == 3 else
-                              "x = (bands / 65535 - mean) / std for 16-bit bands (/ 255 for 8-bit)"), "mean": mean, "std": std,
-            "symbolic_dims": symbolic_dims, "constraints": constraint, "example_size": [h, w],
+            "layout": "NHWC", "dtype": "float32", "channels": "RGB" if bands == 3 else f"{bands} bands",
+            "shape": shape(exported.in_avals[0]),
+            "normalisation": ("x = (rgb / 255 - mean) / std" if bands == 3 else
+                              "x = (bands / 65535 - mean) / std for 16-bit bands (/ 255 for 8-bit)"),
+            "mean": list(card.mean), "std": list(card.std),
+            "symbolic_dims": ["batch"] + (["height", "width"] if symbolic else []), "constraints": constraint,
+            "example_size": list(example_size),
         },
         "output": {
             "kind": "probabilities" if probabilities else "logits", "layout": "NHWC", "dtype": "float32",
-            "shape": out_shape, "size": "the input's height and width",
-            "activation": ("sigmoid" if task == "saliency" else "softmax"),
-            "activation_applied": bool(probabilities),
-            "decode": "saliency = sigmoid(channel 0)" if task == "saliency" else "label = argmax over the last axis",
+            "shape": shape(exported.out_avals[0]), "size": "the input's height and width",
+            "activation": card.task.activation, "activation_applied": bool(probabilities), "decode": card.task.decode,
         },
-        "class_names": _class_names(meta, num_classes, task),
-        "palette": _palette(num_classes, task),
-        "output_stride": _jsonable(stride["feature"]), "logits_stride": _jsonable(stride["logits"]),
+        "palette": card.palette, "logits_stride": jsonable(stride["logits"]),
         "stablehlo": {"file": STABLEHLO_FILE, "platforms": list(exported.platforms), "jax_version": jax.__version__,
                       "calling_convention_version": exported.calling_convention_version,
                       "load": "jax.export.deserialize(open(file, 'rb').read()).call(x)"},
         "onnx": onnx_info,
-        "checks": report,
+        "checks": checks,
     }
 
-    # ---- write: all into a temporary folder, then moved into place
-    parent = os.path.dirname(os.path.abspath(out_dir))
+
+def _write_folder(out_dir: str, files: dict[str, bytes], stale: Sequence[str] = ()) -> None:
+    """Writes `files` (name -> bytes) into out_dir all at once: into a temporary folder beside it, then
+    moved into place, so a failure leaves no partial export; `stale` files of an earlier export go."""
     from segjax.errors import writes_to
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
     with writes_to(parent, "export folder"):
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", suffix=".tmp", dir=parent)
@@ -410,24 +384,19 @@ def export(model, variables, meta: dict, out_dir: str, *, probabilities: bool = 
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the export is an ordinary folder
-            with open(os.path.join(tmp, STABLEHLO_FILE), "wb") as f:
-                f.write(blob)
-            if onnx_bytes is not None:
-                with open(os.path.join(tmp, ONNX_FILE), "wb") as f:
-                    f.write(onnx_bytes)
-            with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
-                json.dump(manifest, f, indent=2)
-                f.write("\n")
+            for name, data in files.items():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
             if not os.path.exists(out_dir):
                 os.rename(tmp, out_dir)
-            else:
-                if not onnx and os.path.exists(os.path.join(out_dir, ONNX_FILE)):
-                    os.remove(os.path.join(out_dir, ONNX_FILE))  # a stale ONNX from an earlier export
-                for fname in os.listdir(tmp):
-                    os.replace(os.path.join(tmp, fname), os.path.join(out_dir, fname))
+                return
+            for name in stale:
+                if os.path.exists(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
 
 
 def _version(package: str) -> str | None:

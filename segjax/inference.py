@@ -5,14 +5,15 @@ Shared by validation during training, `segjax eval` and `segjax predict`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from segjax import checkpoint
+from segjax import checkpoint, tasks
 from segjax import nn as snn
-from segjax.errors import SegjaxError
+from segjax.card import ModelCard
 
 
 DEEPLAB_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -22,7 +23,7 @@ MS_RULES = tuple(MS_SCALES)
 
 
 def predict_probs(apply_fn, variables, images: jax.Array, scales: Sequence[float] = (1.0,),
-                  flip: bool = False, task: str = "segmentation", rule: str = "mean-probs") -> jax.Array:
+                  flip: bool = False, task: str | tasks.Task = tasks.SEGMENTATION, rule: str = "mean-probs") -> jax.Array:
     """(N, H, W, C) softmax probabilities (one sigmoid channel for saliency) at the input's H, W.
 
     rule "mean-probs" (DeepLab v3): each scale resizes the input bilinearly, runs the model,
@@ -31,7 +32,7 @@ def predict_probs(apply_fn, variables, images: jax.Array, scales: Sequence[float
     """
     if rule not in MS_RULES:
         raise ValueError(f"multi-scale rule {rule!r}: use one of {', '.join(MS_RULES)}")
-    squash = (lambda z: jax.nn.sigmoid(z)) if task == "saliency" else (lambda z: jax.nn.softmax(z, axis=-1))
+    squash = tasks.get(task).activate
     if rule == "max-logits":
         return squash(max_logits(apply_fn, variables, images, scales, flip))
     n, h, w, _ = images.shape
@@ -81,45 +82,34 @@ def _logits_and_mirror(logits_of, x, flip: bool):
         yield logits_of(x[:, :, ::-1]).astype(jnp.float32)[:, :, ::-1]
 
 
-def labels_from_probs(probs: jax.Array, task: str = "segmentation") -> jax.Array:
-    if task == "saliency":
-        return (probs[..., 0] > 0.5).astype(jnp.int32)
-    return jnp.argmax(probs, axis=-1).astype(jnp.int32)
-
-
 @dataclasses.dataclass(frozen=True)
 class InferenceModel:
-    """A model with its variables, as a checkpoint describes it: what evaluation and prediction need."""
+    """A model with its variables and the card that describes them: what evaluation and prediction need."""
+    card: ModelCard
     model: object
     variables: dict
-    task: str
-    num_classes: int
-    mean: tuple
-    std: tuple
 
     @property
     def apply_fn(self):
         return self.model.apply
 
+    @functools.cached_property
+    def output_stride(self):
+        """The card's output stride, measured on the model when the card predates it (1: no stride)."""
+        if self.card.output_stride is not None:
+            return self.card.output_stride
+        from segjax import analysis
+        return analysis.output_stride(self.model, variables=self.variables)["feature"] or 1
 
-def load_for_inference(path: str) -> tuple[InferenceModel, dict]:
-    """(InferenceModel, checkpoint meta) from a workdir, its checkpoints/ root, a step directory or a
-    converted checkpoint; the variables are checked to fit the model the meta describes."""
-    from segjax import models
+
+def load_for_inference(path: str) -> InferenceModel:
+    """The model of a workdir, its checkpoints/ root, a step directory or a converted checkpoint; the
+    variables are checked to fit the model its card describes."""
     from segjax.convert import check_fits, model_shapes
 
     variables, meta = checkpoint.load_variables(path)
-    kw = dict(meta.get("model_kwargs") or {})
-    num_classes = int(meta.get("num_classes") or kw.pop("num_classes", 0) or 0)
-    kw.pop("num_classes", None)
-    if not num_classes:
-        raise SegjaxError(f"{path}: the checkpoint does not say its number of classes")
-    model = models.create(meta["model"], num_classes, **kw)
-    check_fits(variables, model_shapes(model, in_channels=int(meta.get("in_channels", 3))),
-               f"{path} (saved as model={meta['model']}, num_classes={num_classes})")
-    task = meta.get("task") or ("saliency" if meta["model"].startswith("u2net") else "segmentation")
-    if "mean" not in meta or "std" not in meta:  # written before checkpoints carried their normalisation
-        from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-        meta = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **meta}
-    mean, std = tuple(meta["mean"]), tuple(meta["std"])
-    return InferenceModel(model, variables, task, num_classes, mean, std), meta
+    card = ModelCard.from_meta(meta, path)
+    model = card.build()
+    check_fits(variables, model_shapes(model, in_channels=card.in_channels),
+               f"{path} (saved as model={card.model}, num_classes={card.num_classes})")
+    return InferenceModel(card, model, variables)

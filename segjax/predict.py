@@ -13,15 +13,13 @@ import jax
 import numpy as np
 from PIL import Image
 
+from segjax import tasks
 from segjax.errors import SegjaxError
 
 
-def output_paths(images: list[str], out_dir: str, task: str, save_probs: bool = False) -> list[dict]:
-    suffixes = {"mask": "_saliency.png", "overlay": "_cutout.png"} if task == "saliency" \
-        else {"mask": ".png", "overlay": "_overlay.jpg"}
-    if save_probs:
-        suffixes.update({"saliency16": "_saliency16.png"} if task == "saliency" else
-                        {"probs": "_probs", "entropy": "_entropy.png"})
+def output_paths(images: list[str], out_dir: str, task: str | tasks.Task, save_probs: bool = False) -> list[dict]:
+    task = tasks.get(task)
+    suffixes = {**task.suffixes, **(task.probs_suffixes if save_probs else {})}
     inputs = {os.path.realpath(p) for p in images}
     plans, seen = [], {}
     for image in images:
@@ -99,37 +97,37 @@ def predict(path: str, images: list[str], out_dir: str, *, multi_scale: bool = F
     whole-image inference predict. save_probs: also `<stem>_probs.npz` (float16 (H, W, C) and the
     class names) and `<stem>_entropy.png`; saliency models write `<stem>_saliency16.png` (16-bit).
     """
-    from segjax import data, inference, tiling
+    from segjax import inference, tiling
 
     if not images:
         raise SegjaxError("no images given; pass one or more image files")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise SegjaxError(f"{out_dir}: --out must be a directory, and this is a file; pick another --out")
     images = expand_inputs(images)
-    loaded, meta = inference.load_for_inference(path)
-    plans = output_paths(images, out_dir, loaded.task, save_probs)
+    loaded = inference.load_for_inference(path)
+    card = loaded.card
+    plans = output_paths(images, out_dir, card.task, save_probs)
     scales = inference.DEEPLAB_SCALES if multi_scale else (1.0,)
     if tile is not None:  # every image's tiling is checked before anything is written
-        stride = _output_stride(loaded)
+        stride = loaded.output_stride
         for image_path in images:
             with Image.open(image_path) as img:
                 tiling.plan_tiles((img.height, img.width), tile, overlap, stride)
-        tiled_fn = tiling.make_probs_fn(loaded.apply_fn, loaded.variables, scales, flip, loaded.task)
+        tiled_fn = tiling.make_probs_fn(loaded.apply_fn, loaded.variables, scales, flip, card.task)
     probs_fn = jax.jit(lambda variables, x: inference.predict_probs(loaded.apply_fn, variables, x, scales, flip,
-                                                                    loaded.task))
-    names = data.names_or_numbers(meta.get("dataset"), loaded.num_classes)
-    mean, std = np.asarray(loaded.mean, np.float32), np.asarray(loaded.std, np.float32)
+                                                                    card.task))
+    names = list(card.class_names)
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for image_path, plan in zip(images, plans):
         image = _read(image_path)
         if tile is not None:
             probs = tiling.predict_tiled(tiled_fn, image, tile, overlap, tile_batch, output_stride=stride,
-                                         mean=loaded.mean, std=loaded.std)
+                                         mean=card.mean, std=card.std)
         else:
-            x = ((image.astype(np.float32) / 255.0 - mean) / std)[None]
+            x = card.normalise(image)[None]
             probs = np.asarray(probs_fn(loaded.variables, x))[0]
-        written += _write(plan, image, probs, loaded.task, names)
+        written += _write(plan, image, probs, card.task, names)
     return written
 
 
@@ -152,11 +150,5 @@ def _write(plan: dict, image: np.ndarray, probs: np.ndarray, task: str, names: l
             plan["probs"] = probmaps.save_probs(plan["probs"], probs, names)
             probmaps.entropy_png(plan["entropy"], probs)
     return list(plan.values())
-
-
-def _output_stride(loaded) -> int | tuple:
-    from segjax import analysis
-
-    return analysis.output_stride(loaded.model, variables=loaded.variables)["feature"] or 1
 
 

@@ -24,7 +24,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from segjax import inference, metrics
+from segjax import inference, tasks
 
 LossFn = Callable[[dict, jax.Array], jax.Array]
 
@@ -97,14 +97,14 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, loss_fn: LossF
     return new_state, {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~ok).astype(jnp.int32)}
 
 
-def eval_step(apply_fn, variables: dict, batch: dict, *, num_classes: int, task: str = "segmentation",
-              scales=(1.0,), flip: bool = False, ms_rule: str = "mean-probs", axis_name: str | None = None):
-    """Sums over a batch: {"confusion": (C, C) int32} (segmentation) or saliency sums (saliency)."""
+def eval_step(apply_fn, variables: dict, batch: dict, *, num_classes: int,
+              task: str | tasks.Task = tasks.SEGMENTATION, scales=(1.0,), flip: bool = False,
+              ms_rule: str = "mean-probs", axis_name: str | None = None):
+    """The task's evaluation sums over a batch: {"confusion": (C, C) int32} (segmentation) or the
+    saliency sums; with `axis_name` (under pmap / shard_map) summed over the devices."""
+    task = tasks.get(task)
     probs = inference.predict_probs(apply_fn, variables, batch["image"], scales, flip, task, ms_rule)
-    if task == "saliency":
-        sums = metrics.saliency_sums(probs[..., 0], batch["mask"])
-    else:
-        sums = {"confusion": metrics.confusion_matrix(inference.labels_from_probs(probs), batch["mask"], num_classes)}
+    sums = task.eval_sums(probs, batch["mask"], num_classes)
     if axis_name is not None:
         sums = jax.lax.psum(sums, axis_name)
     return sums
@@ -123,7 +123,7 @@ class DataParallel:
     `eval_step(variables, batch)` has the model's `apply_fn` and the evaluation options bound.
     """
 
-    def __init__(self, mesh: Mesh, apply_fn, *, num_classes: int, task: str = "segmentation",
+    def __init__(self, mesh: Mesh, apply_fn, *, num_classes: int, task: str | tasks.Task = tasks.SEGMENTATION,
                  loss_fn: LossFn | None = None, scales=(1.0,), flip: bool = False, ms_rule: str = "mean-probs"):
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segjax import checkpoint, data, evaluate, inference, logs, losses, metrics, models, optim, preemption, samples
-from segjax import schedules, step as S
+from segjax import checkpoint, data, evaluate, inference, logs, losses, models, optim, preemption, samples
+from segjax import schedules, step as S, tasks
+from segjax.card import ModelCard
 from segjax import config as config_lib
 from segjax.errors import SegjaxError
 
@@ -71,7 +72,7 @@ class Run:
     ckpts: checkpoint.TrainCheckpoints
     writer: logs.MetricWriter
     schedule: Callable
-    meta: dict
+    card: ModelCard                         # what the checkpoints say the model is
     sample_grid: Callable | None  # variables -> the picture of the fixed validation samples
 
 
@@ -117,7 +118,7 @@ def setup(config, workdir: str) -> Run:
     return Run(config, workdir, start or 0, total_steps, min(config.stop_at_step or total_steps, total_steps),
                config.eval_every_steps or steps_per_epoch, state, parallel, train_iter,
                functools.partial(_eval_loader, config, eval_source), ckpts,
-               logs.MetricWriter(workdir, enabled=primary), schedule, model_meta(config),
+               logs.MetricWriter(workdir, enabled=primary), schedule, model_card(config, root),
                _sample_grid(config, eval_source, parallel, model.apply))
 
 
@@ -126,11 +127,10 @@ def build_model(config, axis_name: str | None = None):
                          axis_name=axis_name, **config.model_kwargs.to_dict())
 
 
-def model_meta(config) -> dict:
-    return {"model": config.model, "model_kwargs": config.model_kwargs.to_dict(), "num_classes": config.num_classes,
-            "task": config.task, "dataset": config.dataset, "mean": list(config.mean), "std": list(config.std),
-            "in_channels": config.in_channels,
-            "config": json.loads(config_lib.to_json(config))}
+def model_card(config, root: str) -> ModelCard:
+    task = tasks.get(config.task)
+    names = task.class_names(config.num_classes) or data.names_or_numbers(config.dataset, config.num_classes, root)
+    return ModelCard.from_config(config, names)
 
 
 def build_optimizer(config, total_steps: int, warmup_steps: int, param_names):
@@ -235,7 +235,7 @@ def _prepare_data(config, root: str, primary: bool) -> None:
 
 def _check_num_classes(config, root) -> None:
     """Labels >= num_classes would make the loss NaN at step 1; say so before compiling anything."""
-    names = data.known_class_names(config.dataset, root) if config.task == "segmentation" else []
+    names = data.known_class_names(config.dataset, root) if tasks.get(config.task).labels_are_classes else []
     if len(names) > config.num_classes:
         raise SegjaxError(f"config.num_classes={config.num_classes} but data set '{config.dataset}' has {len(names)} "
                           f"classes ({', '.join(names[:5])}, ...); use --config.num_classes={len(names)}")
@@ -276,12 +276,12 @@ def train_loop(run: Run, stop: preemption.StopRequest) -> tuple[int, dict | None
                 pending.flush()  # NaN/Inf checked here, always before a checkpoint can record the steps
             if saving:
                 scores, last_eval = _evaluate(run, state, step), step
-                run.ckpts.save(step, state.checkpoint_tree(), run.train_iter, run.meta, _best(run, scores))
+                run.ckpts.save(step, state.checkpoint_tree(), run.train_iter, run.card.to_meta(), _best(run, scores))
         pending.flush()
         if last_eval != step and step > run.start:
             if step == run.total_steps:
                 scores = _evaluate(run, state, step)
-            run.ckpts.save(step, state.checkpoint_tree(), run.train_iter, run.meta,
+            run.ckpts.save(step, state.checkpoint_tree(), run.train_iter, run.card.to_meta(),
                            _best(run, scores) if step == run.total_steps else None)
     except BaseException:
         with contextlib.suppress(Exception):  # keep the original error
@@ -367,10 +367,9 @@ def report(run: Run, step: int, scores: dict | None, stop: preemption.StopReques
         print(f"{why}: {saved}{skipped_note}; run the same command again to resume")
         return {"step": step, "stopped": True, **({"signal": stop.name} if stop.name else {})}
     if primary:
-        names = data.names_or_numbers(config.dataset, config.num_classes)
+        names = list(run.card.class_names)
         logs.plot(run.workdir, names)
-        if config.task != "saliency":
-            print(metrics.format_table(scores, names))
+        print(run.card.task.format_scores(scores, names))
         print(f"{config.name}: step {step}, {config.best_metric} {scores[config.best_metric]:.4f}"
               + (f", skipped {skipped} non-finite steps" if skipped else "") + f"; workdir {run.workdir}")
     return {"step": step, **scores}

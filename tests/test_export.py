@@ -20,6 +20,7 @@ from segjax import models
 from segjax import nn as snn
 from segjax.analysis import init_variables
 from segjax.data import synthetic
+from segjax.card import ModelCard
 from segjax.errors import SegjaxError
 
 UNET_KW = dict(base_channels=8)
@@ -37,7 +38,7 @@ def unet_export(unet, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("unet") / "export")
     meta = {"model": "unet", "model_kwargs": UNET_KW, "num_classes": 5, "task": "segmentation",
             "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "dataset": "synthetic"}
-    return out, E.export(m, v, meta, out, example_size=(64, 64))
+    return out, E.export(ModelCard.from_meta(meta), v, out, model=m, example_size=(64, 64))
 
 
 def _rel(a, b):
@@ -109,11 +110,11 @@ def test_fixed_size_model_refuses_symbolic_and_writes_nothing(tmp_path):
     meta = {"model": "reads_its_size", "num_classes": 3, "dataset": "no_such_data"}
     out = tmp_path / "export"
     with pytest.raises(SegjaxError, match="symbolic height/width.*symbolic=False") as e:
-        E.export(m, v, meta, str(out))
+        E.export(ModelCard.from_meta(meta), v, str(out), model=m)
     assert "\n" not in str(e.value) and "test_export.py" not in str(e.value)
     assert os.listdir(tmp_path) == []  # no export folder, no temporary one
     # A fixed size keeps the batch symbolic, with probabilities on request.
-    manifest = E.export(m, v, meta, str(out), symbolic=False, probabilities=True, example_size=(64, 64))
+    manifest = E.export(ModelCard.from_meta(meta), v, str(out), model=m, symbolic=False, probabilities=True, example_size=(64, 64))
     assert manifest["input"]["shape"] == ["b", 64, 64, 3] and manifest["input"]["symbolic_dims"] == ["batch"]
     assert manifest["class_names"] == ["0", "1", "2"]  # an unknown data set: numbers
     assert manifest["output"]["kind"] == "probabilities"
@@ -141,7 +142,7 @@ class StridedWithGlobalPool(flax.linen.Module):
 def test_a_resizing_model_exports_free_height_and_width(tmp_path):
     m = StridedWithGlobalPool()
     v = init_variables(m, (64, 64))
-    manifest = E.export(m, v, {"model": "strided", "num_classes": 3}, str(tmp_path / "x"), example_size=(64, 64))
+    manifest = E.export(ModelCard.from_meta({"model": "strided", "num_classes": 3}), v, str(tmp_path / "x"), model=m, example_size=(64, 64))
     assert manifest["input"]["symbolic_dims"] == ["batch", "height", "width"]
     assert manifest["input"]["constraints"] is None and manifest["input"]["shape"] == ["b", "h", "w", 3]
     exported = jax.export.deserialize((tmp_path / "x" / "model.stablehlo").read_bytes())
@@ -154,7 +155,7 @@ def test_a_resizing_model_exports_free_height_and_width(tmp_path):
 def test_onnx_at_a_fixed_size_beside_a_symbolic_stablehlo(tmp_path):
     m = StridedWithGlobalPool()
     v = init_variables(m, (64, 64))
-    manifest = E.export(m, v, {"model": "strided", "num_classes": 3}, str(tmp_path / "x"), onnx=True,
+    manifest = E.export(ModelCard.from_meta({"model": "strided", "num_classes": 3}), v, str(tmp_path / "x"), model=m, onnx=True,
                         onnx_symbolic_hw=False, example_size=(40, 56))
     assert manifest["input"]["symbolic_dims"] == ["batch", "height", "width"]
     assert manifest["onnx"]["symbolic_dims"] == ["batch"] and manifest["checks"]["onnx_rel_max_abs_diff"] <= 1e-4
@@ -166,14 +167,14 @@ def test_onnx_missing_says_how_to_install(unet, tmp_path, monkeypatch):
     m, v = unet
     monkeypatch.setitem(sys.modules, "jax2onnx", None)  # import fails
     with pytest.raises(SegjaxError, match=r'pip install "segjax\[export\]"') as e:
-        E.export(m, v, {"model": "unet", "num_classes": 5}, str(tmp_path / "x"), onnx=True)
+        E.export(ModelCard.from_meta({"model": "unet", "num_classes": 5}), v, str(tmp_path / "x"), model=m, onnx=True)
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "x")
 
 
 def test_onnx_matches_jax_with_symbolic_batch_height_and_width(unet, tmp_path):
     m, v = unet
     out = tmp_path / "export"
-    manifest = E.export(m, v, {"model": "unet", "num_classes": 5}, str(out), onnx=True, example_size=(64, 64))
+    manifest = E.export(ModelCard.from_meta({"model": "unet", "num_classes": 5}), v, str(out), model=m, onnx=True, example_size=(64, 64))
     assert sorted(os.listdir(out)) == ["model.json", "model.onnx", "model.stablehlo"]
     assert manifest["onnx"]["file"] == "model.onnx" and manifest["checks"]["onnx_rel_max_abs_diff"] <= 1e-4
     # UNet pads each upsampled map to its skip (lax.pad, replayed through jnp.pad for jax2onnx).
@@ -190,7 +191,7 @@ def test_a_four_band_checkpoint_exports_with_four_input_channels(tmp_path):
     v = init_variables(m, (32, 32), channels=4)
     meta = {"model": "unet", "model_kwargs": UNET_KW, "num_classes": 3, "in_channels": 4,
             "mean": [0.5] * 4, "std": [0.25] * 4}
-    manifest = E.export(m, v, meta, str(tmp_path / "bands"), example_size=(32, 32))
+    manifest = E.export(ModelCard.from_meta(meta), v, str(tmp_path / "bands"), model=m, example_size=(32, 32))
     assert manifest["input"]["shape"][-1] == 4 and manifest["input"]["channels"] == "4 bands"
     exported = jax.export.deserialize((tmp_path / "bands" / "model.stablehlo").read_bytes())
     x = np.random.RandomState(1).standard_normal((2, 48, 32, 4)).astype(np.float32)

@@ -31,6 +31,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from segjax import tasks
+from segjax.card import ModelCard, jsonable
 from segjax.errors import SegjaxError
 
 Rename = Callable[[str], "str | None"]
@@ -410,19 +412,14 @@ def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray], **kw) ->
         variables = adapt_input_channels(model, variables, in_channels, wanted_channels, f"model {name}")
         mean, std = [float(np.mean(mean))] * wanted_channels, [float(np.mean(std))] * wanted_channels
         in_channels = wanted_channels
-    meta = {"model": name, "model_kwargs": json_kwargs(kw), "num_classes": int(kw["num_classes"]),
-            "mean": mean, "std": std, "in_channels": in_channels}
-    if layout.reference:
-        meta["layout"] = layout.reference
-    if options:
-        meta["conversion"] = json_kwargs(options)
-    return variables, meta
-
-
-def json_kwargs(kw: Mapping[str, Any]) -> dict:
-    """Model kwargs as JSON stores them (tuples become lists: the builders accept both)."""
-    import json
-    return json.loads(json.dumps(dict(kw), default=str))
+    extra = {**({"layout": layout.reference} if layout.reference else {}),
+             **({"conversion": jsonable(options)} if options else {})}
+    num_classes, task = int(kw.pop("num_classes")), tasks.for_model(name)
+    names = task.class_names(num_classes) or [str(i) for i in range(num_classes)]  # weights know no data set
+    card = ModelCard(model=name, num_classes=num_classes, model_kwargs=jsonable(kw), task=task,
+                     class_names=tuple(names), in_channels=in_channels, mean=tuple(mean),
+                     std=tuple(std), extra=extra)
+    return variables, card.to_meta()
 
 
 def from_torch(name: str, state_dict: Mapping[str, np.ndarray], **model_kw) -> dict:
