@@ -23,6 +23,7 @@ import sys
 import jax
 import numpy as np
 
+from segjax.files import write_atomic
 from segjax.errors import SegjaxError
 
 META = "segjax.json"
@@ -36,10 +37,7 @@ def save_variables(out_dir: str, variables, meta: dict) -> None:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, "variables"), jax.tree_util.tree_map(np.asarray, variables), force=True)
         ckptr.wait_until_finished()
-    tmp = os.path.join(out_dir, META + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(out_dir, META))
+    write_atomic(os.path.join(out_dir, META), json.dumps(meta, indent=2, default=str))
 
 
 def load_variables(path: str):

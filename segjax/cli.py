@@ -265,9 +265,8 @@ def _run_convert(args):
         kw["num_classes"] = args.num_classes
     with writes_to(args.out_dir, "output directory"):
         variables = convert.convert_file(args.name, args.weights, args.out_dir, **kw)
-    import jax
-    n = sum(x.size for x in jax.tree_util.tree_leaves(variables.get("params", {})))
-    print(f"wrote {args.out_dir}: {args.name}, {n:,} parameters")
+    from segjax import analysis
+    print(f"wrote {args.out_dir}: {args.name}, {analysis.param_count(variables.get('params', {})):,} parameters")
 
 
 # ------------------------------------------------------------------------------------------ data

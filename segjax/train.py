@@ -29,6 +29,7 @@ import numpy as np
 from segjax import checkpoint, data, evaluate, inference, logs, losses, models, optim, preemption, samples
 from segjax import schedules, step as S, tasks
 from segjax.card import ModelCard
+from segjax.files import write_atomic
 from segjax import config as config_lib
 from segjax.errors import SegjaxError
 
@@ -112,9 +113,7 @@ def setup(config, workdir: str) -> Run:
         state = parallel.put_state(state.replace_from_checkpoint(tree))
         print(f"resuming {workdir} from step {start}/{total_steps}")
     if primary and (start or 0) < total_steps:  # the workdir holds no other run: never overwrite its config
-        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-            f.write(config_lib.to_json(config))
-        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+        write_atomic(os.path.join(workdir, "config.json"), config_lib.to_json(config))
     return Run(config, workdir, start or 0, total_steps, min(config.stop_at_step or total_steps, total_steps),
                config.eval_every_steps or steps_per_epoch, state, parallel, train_iter,
                functools.partial(_eval_loader, config, eval_source), ckpts,
@@ -134,10 +133,12 @@ def model_card(config, root: str) -> ModelCard:
 
 
 def build_optimizer(config, total_steps: int, warmup_steps: int, param_names):
-    if config.schedule == "poly":
-        schedule = schedules.poly(config.learning_rate, total_steps, config.power, warmup_steps, config.warmup_factor)
-    else:
-        schedule = schedules.cosine(config.learning_rate, total_steps, warmup_steps, config.warmup_factor)
+    make_schedule = {  # config.check has refused any other name
+        "poly": lambda: schedules.poly(config.learning_rate, total_steps, config.power, warmup_steps,
+                                       config.warmup_factor),
+        "cosine": lambda: schedules.cosine(config.learning_rate, total_steps, warmup_steps, config.warmup_factor),
+    }[config.schedule]
+    schedule = make_schedule()
     lr_mult = config.lr_mult.to_dict()
     # The default recipe boosts "aux_classifier" (torchvision: 10x); models without that head skip it.
     unknown = sorted(k for k in lr_mult if k not in param_names and k != "aux_classifier")

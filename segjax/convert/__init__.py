@@ -27,9 +27,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from segjax import tasks
 from segjax.card import ModelCard, jsonable
@@ -286,26 +287,6 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], rename: Rename | None = 
     return variables
 
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = v
-    return out
-
-
 def _fmt(paths, limit=8) -> str:
     shown = ", ".join("/".join(map(str, p)) for p in sorted(paths)[:limit])
     return shown + (f" (+{len(paths) - limit} more)" if len(paths) > limit else "")
@@ -313,7 +294,7 @@ def _fmt(paths, limit=8) -> str:
 
 def check_fits(variables: Mapping, target: Mapping, what: str) -> None:
     """Raises one SegjaxError listing missing, unexpected and mis-shaped entries of `variables` vs `target`."""
-    got, want = _flatten(variables), _flatten(target)
+    got, want = flatten_dict(variables), flatten_dict(target)
     problems = []
     missing = set(want) - set(got)
     unexpected = set(got) - set(want)
@@ -357,13 +338,13 @@ def adapt_input_channels(model, variables: Mapping, source_channels: int, in_cha
         raise SegjaxError(f"in_channels={in_channels!r}: give the number of input channels, an integer >= 1")
     if in_channels == source_channels:
         return dict(variables)
-    before = _flatten(model_shapes(model, in_channels=source_channels))
-    after = _flatten(model_shapes(model, in_channels=in_channels))
+    before = flatten_dict(model_shapes(model, in_channels=source_channels))
+    after = flatten_dict(model_shapes(model, in_channels=in_channels))
     changed = [p for p in after if p in before and tuple(before[p].shape) != tuple(after[p].shape)]
     if not changed:
         raise SegjaxError(f"{what}: no weight depends on the number of input channels; in_channels={in_channels} "
                           "cannot be applied")
-    flat = {c: dict(_flatten(v)) for c, v in variables.items()}
+    flat = {c: dict(flatten_dict(v)) for c, v in variables.items()}
     for path in changed:
         old, new = tuple(before[path].shape), tuple(after[path].shape)
         if len(old) != 4 or old[2] != source_channels or new != old[:2] + (in_channels,) + old[3:]:
@@ -372,7 +353,7 @@ def adapt_input_channels(model, variables: Mapping, source_channels: int, in_cha
         w = np.asarray(flat[path[0]][path[1:]], np.float32)
         mean = w.mean(axis=2, keepdims=True) * (source_channels / in_channels)
         flat[path[0]][path[1:]] = np.ascontiguousarray(np.repeat(mean, in_channels, axis=2), np.float32)
-    return {c: _unflatten(e) for c, e in flat.items()}
+    return {c: unflatten_dict(e) for c, e in flat.items()}
 
 
 # ------------------------------------------------------------------------------------- public API
@@ -446,14 +427,14 @@ def load_backbone(name: str, variables: Mapping, state_dict: Mapping[str, np.nda
     if layout.backbone_prepare is not None:
         state_dict = layout.backbone_prepare(state_dict)
     converted = torch_to_flax(state_dict, rename)
-    flat = {k: dict(_flatten(v)) for k, v in variables.items()}
+    flat = {k: dict(flatten_dict(v)) for k, v in variables.items()}
     new_flat = {}
     for collection, entries in flat.items():
         target = {p[1:]: v for p, v in entries.items() if p[0] == prefix}
-        src = _flatten(converted.get(collection, {}))
-        check_fits(_unflatten(src), _unflatten(target), f"backbone weights for {name} ({collection})")
+        src = flatten_dict(converted.get(collection, {}))
+        check_fits(unflatten_dict(src), unflatten_dict(target), f"backbone weights for {name} ({collection})")
         new_flat[collection] = {**entries, **{(prefix,) + p: src[p] for p in target}}
-    return {c: _unflatten(e) for c, e in new_flat.items()}
+    return {c: unflatten_dict(e) for c, e in new_flat.items()}
 
 
 def convert_file(name: str, in_path: str, out_dir: str, **model_kw) -> dict:
