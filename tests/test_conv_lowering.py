@@ -41,7 +41,7 @@ CASES = [(17, 23, 3, 2, 1, 1, 4), (16, 16, 3, 24, 1, 1, 4), (33, 21, 3, 36, 1, 1
 def method(request, monkeypatch):
     """"taps": auto on CPU with the per-tap matmuls forced on every width (normally wide convs only)."""
     if request.param == "taps":
-        monkeypatch.setattr(snn, "TAPS_MIN_CHANNELS2", 0)
+        monkeypatch.setattr(snn.convolution, "TAPS_MIN_CHANNELS2", 0)  # read where `conv` lives
         with snn.conv_lowering(backend="cpu"):
             yield "auto"
     else:
