@@ -176,8 +176,10 @@ def test_deeplabv1_port_converts_through_the_cli_and_predicts_its_labels(largefo
     image = np.random.RandomState(3).randint(0, 256, (40, 46, 3)).astype(np.uint8)
     with torch.no_grad():
         want = to_nhwc(largefov_forward(sd, caffe_input(image.astype(np.float32), V1_MEAN_BGR)))
-    state, meta = load_for_inference(str(out))
-    got = jax.jit(lambda v, x: state.apply_fn(v, x, train=False))(state.variables, our_input(image, meta))["out"]
+    state = load_for_inference(str(out))
+    x = state.card.normalise(image)[None]  # the card's normalisation is the port's caffe one
+    np.testing.assert_allclose(x, our_input(image, meta), rtol=1e-5, atol=1e-3)
+    got = jax.jit(lambda v, x: state.apply_fn(v, x, train=False))(state.variables, x)["out"]
     err = rel_l2(got, want)
     print(f"deeplabv1 port vs its forward: rel L2 {err:.2e}")
     assert err < 1e-4

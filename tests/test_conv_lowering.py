@@ -1,7 +1,7 @@
 """The convolution primitives of segjax.nn: every lowering is exact, and `dense` leaves no dilated conv.
 
 XLA runs window-dilated (atrous) and base-dilated (transposed) forward convolutions on its slow
-path; `SEGJAX_CONV=dense` (and `auto` on GPU/TPU) rewrites them as dense convolutions. These
+path; the `dense` lowering (and `auto` on GPU/TPU) rewrites them as dense convolutions. These
 tests check the rewrites against `lax.conv_general_dilated` (forward and both gradients), and
 lower every registered model to StableHLO to check that no dilated forward conv is left.
 """
@@ -14,6 +14,7 @@ import pytest
 
 from segjax import models
 from segjax import nn as snn
+from segjax.errors import SegjaxError
 
 DILATE = re.compile(r"(lhs_dilate|rhs_dilate) = \[(\d+), (\d+)\]")
 
@@ -106,23 +107,35 @@ def test_dead_taps_are_trimmed_to_a_1x1_conv():
     assert len(convs) == 1 and convs[0].invars[1].aval.shape[:2] == (1, 1)
 
 
-def test_the_method_comes_from_the_environment(monkeypatch):
+def test_plans_and_the_override_block():
+    assert snn.conv_plan("native")["atrous"] == "native"
+    assert snn.conv_plan("dense") == {"atrous": "dense", "transposed": "subpixel", "depthwise": "shifted",
+                                      "pointwise": "native"}
+    assert snn.conv_plan("auto", backend="gpu")["atrous"] == "dense"
+    with snn.conv_lowering("native"):  # a one-off trace (export, FLOPs) overrides what a model bound
+        assert snn.conv_plan("dense")["transposed"] == "native"
+    with pytest.raises(ValueError, match="conv_lowering='fast'"):
+        snn.conv_plan("fast")
+
+
+def test_the_lowering_is_bound_when_the_model_is_built(monkeypatch):
+    """$SEGJAX_CONV is read once, by models.create; the choice is a field of the model (so of every jit
+    cache key), and two models with different lowerings live side by side."""
     monkeypatch.setenv("SEGJAX_CONV", "native")
-    assert snn.conv_plan()["atrous"] == "native"
-    monkeypatch.setenv("SEGJAX_CONV", "dense")
-    assert snn.conv_plan() == {"atrous": "dense", "transposed": "subpixel", "depthwise": "shifted", "pointwise": "native"}
-    monkeypatch.setenv("SEGJAX_CONV", "auto")
-    assert snn.conv_plan(backend="gpu")["atrous"] == "dense"
-    with snn.conv_lowering("native"):
-        assert snn.conv_plan()["transposed"] == "native"
-    assert snn.conv_method() == "auto"
+    native = models.create("deeplabv3_mobilenet_v3_large", num_classes=3)
+    monkeypatch.delenv("SEGJAX_CONV")
+    dense = models.create("deeplabv3_mobilenet_v3_large", num_classes=3, conv_lowering="dense")
+    monkeypatch.setenv("SEGJAX_CONV", "dense")  # read at build time only: `native` keeps its choice
+    assert dilated_convs(native) and not dilated_convs(dense)
     monkeypatch.setenv("SEGJAX_CONV", "fast")
-    with pytest.raises(ValueError, match="SEGJAX_CONV='fast'"):
-        snn.conv_method()
+    with pytest.raises(SegjaxError, match="SEGJAX_CONV='fast'"):
+        models.create("unet", num_classes=2)
+    with pytest.raises(SegjaxError, match="conv_lowering='fast'"):
+        models.create("unet", num_classes=2, conv_lowering="fast")
 
 
-def dilated_convs(name: str) -> list[str]:
-    model = models.create(name, num_classes=3)
+def dilated_convs(model) -> list[str]:
+    model = models.create(model, num_classes=3) if isinstance(model, str) else model
     x = jax.ShapeDtypeStruct((1, 97, 131, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     text = jax.jit(lambda v, x: model.apply(v, x, train=False)["out"]).lower(variables, x).as_text()
@@ -133,9 +146,10 @@ def dilated_convs(name: str) -> list[str]:
 def test_no_model_lowers_to_a_dilated_forward_conv():
     """Inference forward of every registered model at an odd size: `dense`, and `auto` as on a GPU."""
     names = models.names()
-    with snn.conv_lowering("native"):  # the check can fail: today's lax ops are dilated
-        assert dilated_convs("deeplabv3_resnet50") and dilated_convs("unet")
-    for method, backend in (("dense", None), ("auto", "gpu")):
-        with snn.conv_lowering(method, backend):
-            left = {name: found for name in names if (found := dilated_convs(name))}
+    native = {name: models.create(name, num_classes=3, conv_lowering="native") for name in ("deeplabv3_resnet50", "unet")}
+    assert all(dilated_convs(m) for m in native.values())  # the check can fail: the lax ops are dilated
+    for method, backend in (("dense", None), ("auto", "gpu")):  # every builder passes its lowering down
+        with snn.conv_lowering(backend=backend):
+            left = {name: found for name in names
+                    if (found := dilated_convs(models.create(name, num_classes=3, conv_lowering=method)))}
         assert not left, f"{method} ({backend or 'this backend'}): {left}"

@@ -148,11 +148,11 @@ def _aux_head(num_classes: int, dropout_rate: float, aux_dropout_rate: float | N
 
 def deeplabv3_resnet(depth: int, num_classes: int = 21, aux: bool = False, output_stride: int = 8,
                      dropout_rate: float = 0.5, aux_dropout_rate: float | None = None, dtype=None,
-                     param_dtype=jnp.float32, axis_name=None) -> SegmentationModel:
+                     param_dtype=jnp.float32, axis_name=None, conv_lowering: str = "auto") -> SegmentationModel:
     _check_output_stride(output_stride)
-    layers = dtype_partials(dtype, param_dtype, axis_name)
+    layers = dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering)
     backbone = resnet_backbone(depth, RESNET_DILATION[output_stride], layers)
-    classifier = DeepLabHead(num_classes, ASPP_RATES[output_stride], dropout_rate, *layers)
+    classifier = DeepLabHead(num_classes, ASPP_RATES[output_stride], dropout_rate, layers.conv, layers.norm, layers.conv_bn)
     aux_classifier = _aux_head(num_classes, dropout_rate, aux_dropout_rate, layers) if aux else None
     return SegmentationModel(backbone, classifier, ("layer4",), aux_classifier, "layer3")
 
@@ -161,15 +161,16 @@ def deeplabv3plus_resnet(depth: int, num_classes: int = 21, aux: bool = False, o
                          dropout_rate: float = 0.1, aux_dropout_rate: float | None = None, decoder_convs: int = 2,
                          low_level_first: bool = False, multi_grid: Sequence[int] | None = None,
                          align_corners: bool = False, dtype=None, param_dtype=jnp.float32,
-                         axis_name=None) -> SegmentationModel:
+                         axis_name=None, conv_lowering: str = "auto") -> SegmentationModel:
     """decoder_convs / low_level_first: the decoder variant (see DeepLabV3PlusHead); multi_grid: layer4's
     dilation factors (e.g. (1, 2, 4)); align_corners: of the decoder's and the final resize."""
     _check_output_stride(output_stride)
-    layers = dtype_partials(dtype, param_dtype, axis_name)
+    layers = dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering)
     multi_grid = None if multi_grid is None else tuple(int(g) for g in multi_grid)  # a list after JSON
     backbone = resnet_backbone(depth, RESNET_DILATION[output_stride], layers, multi_grid=multi_grid)
     classifier = DeepLabV3PlusHead(num_classes, ASPP_RATES[output_stride], 48, dropout_rate, int(decoder_convs),
-                                   bool(low_level_first), bool(align_corners), *layers)
+                                   bool(low_level_first), bool(align_corners), layers.conv,
+                                   layers.norm, layers.conv_bn)
     aux_classifier = _aux_head(num_classes, dropout_rate, aux_dropout_rate, layers) if aux else None
     return SegmentationModel(backbone, classifier, ("layer4", "layer1"), aux_classifier, "layer3",
                              align_corners=bool(align_corners))
@@ -182,9 +183,9 @@ for _depth in (50, 101):
 
 @register("deeplabv2_resnet101")
 def deeplabv2_resnet101(num_classes: int = 21, resnet_style: str = "torchvision", dtype=None, param_dtype=jnp.float32,
-                        axis_name=None) -> SegmentationModel:
+                        axis_name=None, conv_lowering: str = "auto") -> SegmentationModel:
     """resnet_style="caffe": the MSRA ResNet of the caffe-trained weights (see segjax.models.resnet)."""
-    layers = dtype_partials(dtype, param_dtype, axis_name)
+    layers = dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering)
     backbone = resnet_backbone(101, RESNET_DILATION[8], layers, style=resnet_style)
     return SegmentationModel(backbone, ASPPLargeFOV(num_classes, (6, 12, 18, 24), layers.conv), ("layer4",))
 
@@ -192,12 +193,12 @@ def deeplabv2_resnet101(num_classes: int = 21, resnet_style: str = "torchvision"
 @register("deeplabv3_mobilenet_v3_large")
 def deeplabv3_mobilenet_v3_large(num_classes: int = 21, aux: bool = False, dropout_rate: float = 0.5,
                                  aux_dropout_rate: float | None = None, dtype=None, param_dtype=jnp.float32,
-                                 axis_name=None) -> SegmentationModel:
+                                 axis_name=None, conv_lowering: str = "auto") -> SegmentationModel:
     """torchvision's: dilated MobileNetV3-Large (output stride 16), DeepLabHead on the 960-ch "high"
     features (rates 12/24/36, torchvision's default), aux FCNHead on the 40-ch "low" features."""
-    backbone_layers = mobilenetv3.backbone_layers(dtype, param_dtype, axis_name)
+    backbone_layers = mobilenetv3.backbone_layers(dtype, param_dtype, axis_name, conv_lowering)
     backbone = mobilenetv3.MobileNetV3Features("large", True, backbone_layers.conv, backbone_layers.conv_bn)
-    layers = dtype_partials(dtype, param_dtype, axis_name)  # the heads' BatchNorm: PyTorch's defaults
-    classifier = DeepLabHead(num_classes, (12, 24, 36), dropout_rate, *layers)
+    layers = dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering)  # the heads' BatchNorm: PyTorch's defaults
+    classifier = DeepLabHead(num_classes, (12, 24, 36), dropout_rate, layers.conv, layers.norm, layers.conv_bn)
     aux_classifier = _aux_head(num_classes, dropout_rate, aux_dropout_rate, layers) if aux else None
     return SegmentationModel(backbone, classifier, ("high",), aux_classifier, "low")

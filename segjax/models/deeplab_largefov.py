@@ -64,8 +64,8 @@ class DeepLabLargeFOV(nn.Module):
 @register("deeplabv1_largefov_vgg16")
 def deeplabv1_largefov_vgg16(num_classes: int = 21, dropout_rate: float = 0.5, align_corners: bool = False,
                              ceil_mode: bool = True, dtype=None, param_dtype=jnp.float32,
-                             axis_name=None) -> DeepLabLargeFOV:
+                             axis_name=None, conv_lowering: str = "auto") -> DeepLabLargeFOV:
     """align_corners: of the final resize; ceil_mode: of the five max-pools (see the module docstring).
     No BatchNorm, so axis_name changes nothing (every model takes it)."""
-    layers = dtype_partials(dtype, param_dtype, axis_name)
+    layers = dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering)
     return DeepLabLargeFOV(num_classes, dropout_rate, bool(align_corners), bool(ceil_mode), conv=layers.conv)

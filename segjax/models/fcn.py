@@ -17,8 +17,8 @@ from segjax.nn import dtype_partials
 
 
 def fcn_resnet(depth: int, num_classes: int = 21, aux: bool = False, dropout_rate: float = 0.1, dtype=None,
-               param_dtype=jnp.float32, axis_name=None) -> SegmentationModel:
-    layers = dtype_partials(dtype, param_dtype, axis_name)
+               param_dtype=jnp.float32, axis_name=None, conv_lowering: str = "auto") -> SegmentationModel:
+    layers = dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering)
     backbone = resnet_backbone(depth, (False, True, True), layers)
     classifier = FCNHead(num_classes, dropout_rate, layers.conv, layers.norm)
     aux_classifier = FCNHead(num_classes, dropout_rate, layers.conv, layers.norm) if aux else None

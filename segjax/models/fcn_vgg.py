@@ -95,11 +95,11 @@ class FCNVGG16(nn.Module):
 
 
 def fcn_vgg16(stride: int, num_classes: int = 21, dropout_rate: float = 0.5, dtype=None, param_dtype=jnp.float32,
-              axis_name=None) -> FCNVGG16:
+              axis_name=None, conv_lowering: str = "auto") -> FCNVGG16:
     """FCN-`stride`s; no BatchNorm, so axis_name changes nothing (every model takes it)."""
-    layers = dtype_partials(dtype, param_dtype, axis_name)
+    layers = dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering)
     return FCNVGG16(num_classes, stride, dropout_rate, conv=layers.conv,
-                    conv_transpose=functools.partial(ConvTranspose, dtype=dtype, param_dtype=param_dtype))
+                    conv_transpose=layers.conv_transpose)
 
 
 for _stride in (32, 16, 8):

@@ -51,9 +51,9 @@ class LRASPPHead(nn.Module):
 
 @register("lraspp_mobilenet_v3_large")
 def lraspp_mobilenet_v3_large(num_classes: int = 21, inter_channels: int = 128, dtype=None, param_dtype=jnp.float32,
-                              axis_name=None) -> SegmentationModel:
-    backbone_layers = mobilenetv3.backbone_layers(dtype, param_dtype, axis_name)
+                              axis_name=None, conv_lowering: str = "auto") -> SegmentationModel:
+    backbone_layers = mobilenetv3.backbone_layers(dtype, param_dtype, axis_name, conv_lowering)
     backbone = mobilenetv3.MobileNetV3Features("large", True, backbone_layers.conv, backbone_layers.conv_bn)
-    layers = dtype_partials(dtype, param_dtype, axis_name)  # the head's BN is a plain nn.BatchNorm2d
+    layers = dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering)  # the head's BN is a plain nn.BatchNorm2d
     classifier = LRASPPHead(num_classes, inter_channels, layers.conv, layers.conv_bn)
     return SegmentationModel(backbone, classifier, ("low", "high"))

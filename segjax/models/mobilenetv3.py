@@ -27,9 +27,9 @@ BN_MOMENTUM = 0.99  # PyTorch momentum 0.01
 BN_EPSILON = 1e-3
 
 
-def backbone_layers(dtype=None, param_dtype=jnp.float32, axis_name=None) -> Layers:
+def backbone_layers(dtype=None, param_dtype=jnp.float32, axis_name=None, conv_lowering: str = "auto") -> Layers:
     """The network's layers (its BatchNorm constants; segmentation heads on it keep PyTorch's defaults)."""
-    return dtype_partials(dtype, param_dtype, axis_name, BN_MOMENTUM, BN_EPSILON)
+    return dtype_partials(dtype, param_dtype, axis_name, BN_MOMENTUM, BN_EPSILON, conv_lowering=conv_lowering)
 
 
 _LAYERS = backbone_layers()
@@ -210,8 +210,8 @@ class MobileNetV3(nn.Module):
 
 
 def mobilenet_v3(arch: str, num_classes: int = 1000, dilated: bool = False, dropout_rate: float = 0.2, dtype=None,
-                 param_dtype=jnp.float32, axis_name=None) -> MobileNetV3:
-    layers = backbone_layers(dtype, param_dtype, axis_name)
+                 param_dtype=jnp.float32, axis_name=None, conv_lowering: str = "auto") -> MobileNetV3:
+    layers = backbone_layers(dtype, param_dtype, axis_name, conv_lowering)
     return MobileNetV3(num_classes, arch, dilated, dropout_rate, layers.conv, layers.conv_bn,
                        functools.partial(nn.Dense, dtype=dtype, param_dtype=param_dtype))
 

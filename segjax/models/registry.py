@@ -25,7 +25,11 @@ def register(name: str, kind: str = "segmentation"):
     return wrap
 
 
-def create(name: str, num_classes: int, **kw) -> nn.Module:
+def create(name: str, num_classes: int, conv_lowering: str | None = None, **kw) -> nn.Module:
+    """The registered model `name`. conv_lowering ("auto", "dense", "native"; see segjax.nn.conv_plan) is
+    bound into its convolutions; None takes $SEGJAX_CONV, else "auto"."""
+    from segjax import nn as snn
+
     if name not in _BUILDERS:
         raise SegjaxError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
     builder = _BUILDERS[name][0]
@@ -35,7 +39,11 @@ def create(name: str, num_classes: int, **kw) -> nn.Module:
         if unknown:
             options = ", ".join(k for k in params if k != "num_classes")
             raise SegjaxError(f"model {name!r} has no option {', '.join(unknown)}; its options: {options}")
-    return builder(num_classes=num_classes, **kw)
+    try:
+        lowering = snn.check_conv_method(conv_lowering) if conv_lowering else snn.default_conv_lowering()
+    except ValueError as e:
+        raise SegjaxError(str(e)) from None
+    return builder(num_classes=num_classes, conv_lowering=lowering, **kw)
 
 
 def names(kind: str | None = "segmentation") -> list[str]:

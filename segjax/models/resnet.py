@@ -174,9 +174,9 @@ def resnet_backbone(depth: int, replace_stride_with_dilation=(False, False, Fals
 
 
 def resnet(depth: int, num_classes: int = 1000, replace_stride_with_dilation=(False, False, False), dtype=None,
-           param_dtype=jnp.float32, axis_name=None) -> ResNet:
+           param_dtype=jnp.float32, axis_name=None, conv_lowering: str = "auto") -> ResNet:
     """The ImageNet classifier (global average pool + fc), returning {"out": (N, num_classes)}."""
-    return resnet_backbone(depth, replace_stride_with_dilation, dtype_partials(dtype, param_dtype, axis_name),
+    return resnet_backbone(depth, replace_stride_with_dilation, dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering),
                            num_classes=num_classes, dense=functools.partial(nn.Dense, dtype=dtype, param_dtype=param_dtype))
 
 

@@ -128,8 +128,8 @@ class U2Net(nn.Module):
 
 
 def u2net(variant: str, num_classes: int = 1, conv_bias: bool = True, dtype=None, param_dtype=jnp.float32,
-          axis_name=None) -> U2Net:
-    layers = snn.dtype_partials(dtype, param_dtype, axis_name)
+          axis_name=None, conv_lowering: str = "auto") -> U2Net:
+    layers = snn.dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering)
     encoder, decoder = VARIANTS[variant]
     return U2Net(num_classes, encoder, decoder, conv_bias, layers.conv, layers.norm)
 

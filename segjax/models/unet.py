@@ -103,9 +103,9 @@ class UNet(nn.Module):
 
 @register("unet")
 def unet(num_classes: int, bilinear: bool = False, base_channels: int = 64, dtype=None, param_dtype=jnp.float32,
-         axis_name=None) -> UNet:
+         axis_name=None, conv_lowering: str = "auto") -> UNet:
     """milesial's UNet: `bilinear=False` (transposed conv, 31.0M params at base 64) is its default;
     the DRIVE recipe uses `bilinear=True, base_channels=32` (4.3M)."""
-    layers = snn.dtype_partials(dtype, param_dtype, axis_name)
+    layers = snn.dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering)
     return UNet(num_classes, bilinear, base_channels, layers.conv, layers.norm,
-                functools.partial(snn.ConvTranspose, dtype=dtype, param_dtype=param_dtype))
+                layers.conv_transpose)

@@ -154,8 +154,8 @@ class VGG(nn.Module):
 
 
 def vgg(arch: str, batch_norm: bool, num_classes: int = 1000, dropout_rate: float = 0.5, dtype=None,
-        param_dtype=jnp.float32, axis_name=None) -> VGG:
-    layers = dtype_partials(dtype, param_dtype, axis_name)
+        param_dtype=jnp.float32, axis_name=None, conv_lowering: str = "auto") -> VGG:
+    layers = dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering)
     return VGG(STAGES[arch], batch_norm, num_classes, dropout_rate, conv=layers.conv, norm=layers.norm,
                dense=functools.partial(nn.Dense, dtype=dtype, param_dtype=param_dtype))
 

@@ -14,7 +14,8 @@ One module per subject: `convolution` (conv, transposed conv and their lowerings
 """
 from segjax.nn.blocks import ConvBN, Layers, dtype_partials
 from segjax.nn.convolution import (CONV_METHODS, TAPS_MIN_CHANNELS2, Conv, ConvTranspose, bilinear_kernel_init,
-                                   bilinear_upsample_kernel, conv, conv2d, conv_lowering, conv_method, conv_plan,
+                                   bilinear_upsample_kernel, check_conv_method, conv, conv2d, conv_lowering, conv_plan,
+                                   default_conv_lowering,
                                    conv_transpose, conv_transpose_output_size)
 from segjax.nn.core import Array, Dtype, ModuleDef, is_symbolic, kaiming_normal_fan_out, pair
 from segjax.nn.norm import BatchNorm, batch_norm_train

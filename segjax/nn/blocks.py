@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
-from segjax.nn.convolution import conv2d
+from segjax.nn.convolution import ConvTranspose, check_conv_method, conv2d
 from segjax.nn.core import Array, Dtype, ModuleDef
 from segjax.nn.norm import BatchNorm
 
@@ -41,12 +41,16 @@ class Layers(NamedTuple):
     conv: ModuleDef
     norm: ModuleDef
     conv_bn: ModuleDef
+    conv_transpose: ModuleDef
 
 
 def dtype_partials(dtype: Dtype = None, param_dtype: Dtype = jnp.float32, axis_name: str | None = None,
-                   bn_momentum: float = 0.9, bn_epsilon: float = 1e-5) -> Layers:
-    """(conv, norm, conv_bn) with the dtypes, axis name and BatchNorm constants bound, as in flax's imagenet example."""
-    conv = functools.partial(conv2d, dtype=dtype, param_dtype=param_dtype)
+                   bn_momentum: float = 0.9, bn_epsilon: float = 1e-5, conv_lowering: str = "auto") -> Layers:
+    """The layers with the dtypes, axis name, BatchNorm constants and convolution lowering (`conv_plan`)
+    bound, as in flax's imagenet example."""
+    conv_lowering = check_conv_method(conv_lowering)
+    conv = functools.partial(conv2d, dtype=dtype, param_dtype=param_dtype, lowering=conv_lowering)
     norm = functools.partial(BatchNorm, momentum=bn_momentum, epsilon=bn_epsilon, axis_name=axis_name,
                              dtype=dtype, param_dtype=param_dtype)
-    return Layers(conv, norm, functools.partial(ConvBN, conv=conv, norm=norm))
+    return Layers(conv, norm, functools.partial(ConvBN, conv=conv, norm=norm),
+                  functools.partial(ConvTranspose, dtype=dtype, param_dtype=param_dtype, lowering=conv_lowering))

@@ -26,38 +26,51 @@ from segjax.nn.core import Array, Dtype, kaiming_normal_fan_out, pair
 #   - sub-pixel transposed conv: a stride-s transposed conv is s*s small dense convs on the
 #     undilated input (one conv with s*s*out channels) followed by depth-to-space;
 #   - depthwise k x k as k*k shifted multiply-adds, which XLA fuses into one loop.
-# SEGJAX_CONV=native|dense|auto (default auto) picks the method process-wide; docs/benchmarks.md
-# gives the measurements behind `auto`.
+# The lowering is chosen once, when a model is built: `segjax.models.create(..., conv_lowering=...)`
+# binds it into the network's Conv ModuleDef (`dtype_partials`), so it is part of the module and of
+# every jit cache key; two models with different lowerings can live in one process. $SEGJAX_CONV is
+# the user's override of the default, read by `default_conv_lowering` when a model is built.
+# docs/benchmarks.md gives the measurements behind `auto`.
 
 CONV_METHODS = ("native", "dense", "auto")
 TAPS_MIN_CHANNELS2 = 256 * 256  # below it, XLA:CPU's conv beat the per-tap matmuls (backward)
 
 
-_LOWERING: dict = {}  # set by `conv_lowering` (tests, benchmarks); otherwise $SEGJAX_CONV decides
+_OVERRIDE: dict = {}  # set by `conv_lowering` only
 
 
-def conv_method() -> str:
-    """The process-wide lowering: `conv_lowering`'s, else $SEGJAX_CONV's (read at trace time: set it before jit)."""
-    method = _LOWERING.get("method") or os.environ.get("SEGJAX_CONV", "auto").strip().lower() or "auto"
+def check_conv_method(method: str, what: str = "conv_lowering") -> str:
+    method = str(method).strip().lower()
     if method not in CONV_METHODS:
-        raise ValueError(f"SEGJAX_CONV={method!r}: use one of {', '.join(CONV_METHODS)}")
+        raise ValueError(f"{what}={method!r}: use one of {', '.join(CONV_METHODS)}")
     return method
+
+
+def default_conv_lowering() -> str:
+    """The lowering a model gets when its builder is given none: $SEGJAX_CONV, else "auto"."""
+    return check_conv_method(os.environ.get("SEGJAX_CONV", "").strip() or "auto", "SEGJAX_CONV")
 
 
 @contextlib.contextmanager
 def conv_lowering(method: str | None = None, backend: str | None = None):
-    """Trace convolutions as `method` would lower them on `backend` (e.g. "gpu" from a CPU host)."""
-    saved = dict(_LOWERING)
-    _LOWERING.update({k: v for k, v in (("method", method), ("backend", backend)) if v is not None})
+    """Trace convolutions as `method` would lower them on `backend`, whatever a model has bound.
+
+    For one-off traces only, never for a function jitted and called again outside: export and FLOP
+    counts trace with "native" (portable lax ops, their true FLOPs), and tests trace the plan of
+    another backend (e.g. "gpu" from a CPU host).
+    """
+    saved = dict(_OVERRIDE)
+    _OVERRIDE.update({k: v for k, v in (("method", method), ("backend", backend)) if v is not None})
     try:
         yield
     finally:
-        _LOWERING.clear()
-        _LOWERING.update(saved)
+        _OVERRIDE.clear()
+        _OVERRIDE.update(saved)
 
 
 def conv_plan(method: str | None = None, backend: str | None = None) -> dict:
-    """What each kind of conv lowers to under `method` on `backend` (default: the current ones).
+    """What each kind of conv lowers to under `method` (default "auto"; a `conv_lowering` block's
+    method wins) on `backend` (default: the block's, else JAX's default backend).
 
     atrous: "native" (rhs_dilation), "taps" (a matmul per tap over its valid outputs, for convs of
     at least TAPS_MIN_CHANNELS2 in x out channels; narrower ones trimmed, then native) or "dense"
@@ -65,10 +78,8 @@ def conv_plan(method: str | None = None, backend: str | None = None) -> dict:
     depthwise: "native" (grouped conv) or "shifted" (multiply-adds); pointwise (ungrouped stride-1
     1x1 convs, and kernels of 5x5 or more): "native" or "dot" (matmuls over the channels).
     """
-    method = method or conv_method()
-    if method not in CONV_METHODS:
-        raise ValueError(f"conv method {method!r}: use one of {', '.join(CONV_METHODS)}")
-    backend = backend or _LOWERING.get("backend") or jax.default_backend()
+    method = check_conv_method(_OVERRIDE.get("method") or method or "auto")
+    backend = backend or _OVERRIDE.get("backend") or jax.default_backend()
     if method == "native":
         return {"atrous": "native", "transposed": "native", "depthwise": "native", "pointwise": "native"}
     if method == "dense" or backend != "cpu":
@@ -327,6 +338,7 @@ class Conv(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
+    lowering: str = "auto"  # see `conv_plan`; bound once by the network's builder (`dtype_partials`)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -334,7 +346,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = conv(x, kernel, self.strides, self.padding, self.kernel_dilation, self.feature_group_count)
+        y = conv(x, kernel, self.strides, self.padding, self.kernel_dilation, self.feature_group_count, self.lowering)
         return y + bias if bias is not None else y
 
 
@@ -389,13 +401,14 @@ class ConvTranspose(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
     dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
+    lowering: str = "auto"  # see `conv_plan`
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         k, s, d = self.kernel_size, self.stride, self.dilation
         kernel = self.param("kernel", self.kernel_init, (k, k, self.features, x.shape[-1]), self.param_dtype)
         x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-        y = conv_transpose(x, kernel, s, self.padding, self.output_padding, d)
+        y = conv_transpose(x, kernel, s, self.padding, self.output_padding, d, self.lowering)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(y.dtype)
         return y
