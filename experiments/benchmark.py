@@ -405,7 +405,7 @@ def conv_lowering() -> dict:
     method = os.environ.get("SEGJAX_CONV") or "auto"
     plan = getattr(segjax_nn, "conv_plan", None)
     try:
-        return {"conv_method": method, "conv_plan": plan() if plan else None}
+        return {"conv_method": method, "conv_plan": plan(method) if plan else None}
     except ValueError as e:  # a value segjax does not know: the models would refuse it too
         raise SystemExit(f"error: {e}")
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from segjax import tasks
 from segjax.errors import SegjaxError
+from segjax.files import jsonable
 
 # Keys of the meta dict that the card reads itself; every other key (config, layout, source, ...) is
 # kept in `extra` and written back unchanged.
@@ -120,17 +121,3 @@ def _class_names(names, dataset, num_classes: int, task: tasks.Task) -> tuple[st
         return tuple(task.class_names(num_classes))
     from segjax import data
     return tuple(data.names_or_numbers(dataset, num_classes))
-
-
-def jsonable(v):
-    """Plain JSON values: tuples become lists, numpy scalars Python numbers, anything else its str."""
-    if isinstance(v, (tuple, list)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, Mapping):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, (np.integer, np.floating, np.bool_)):
-        return v.item()
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)
-

@@ -178,11 +178,14 @@ def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
     every training sample. Evaluation pads each batch to the split's largest image, rounded up to a
     multiple of 32, so it has no size limit.
     """
-    from segjax import losses, models, tasks
-
     def bad(key, why):
         return SegjaxError(f"config.{key}={config[key]!r}: {why}")
 
+    for part in (_check_numbers, _check_shapes, _check_choices):
+        part(config, bad, device_count)
+
+
+def _check_numbers(config, bad, device_count: int) -> None:
     for key in ("batch_size", "eval_batch_size", "base_size", "crop_size", "log_every_steps", "keep_checkpoints"):
         if config[key] <= 0:
             raise bad(key, f"must be positive; pass --config.{key}=N with N >= 1")
@@ -196,6 +199,12 @@ def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         raise bad("warmup_factor", "must be in (0, 1], e.g. --config.warmup_factor=0.001")
     if config.nesterov and not config.momentum:
         raise bad("nesterov", "needs momentum > 0; set --config.momentum=0.9 or --config.nesterov=false")
+    if not config.num_steps and not config.num_epochs:
+        raise bad("num_epochs", "training needs num_epochs > 0 or num_steps > 0")
+
+
+def _check_shapes(config, bad, device_count: int) -> None:
+    """Bands against normalisation, classes against weights, the batch against the devices, the crop."""
     if config.in_channels < 1:
         raise bad("in_channels", "must be >= 1 (3 for RGB; 1 grayscale, 4 RGB-D or RGB-NIR, ...)")
     for key in ("mean", "std"):
@@ -206,8 +215,6 @@ def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         raise bad("class_weights", f"needs one weight per class ({config.num_classes}), or () for none")
     if not config.eval_scales or min(config.eval_scales) <= 0:
         raise bad("eval_scales", "must be positive scales, e.g. --config.eval_scales=0.5,1.0,1.5")
-    if not config.num_steps and not config.num_epochs:
-        raise bad("num_epochs", "training needs num_epochs > 0 or num_steps > 0")
     if config.batch_size % device_count:
         lo = config.batch_size - config.batch_size % device_count
         fix = f"{lo} or {lo + device_count}" if lo else str(device_count)
@@ -221,6 +228,11 @@ def check(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
         raise bad("crop_size", f"larger than the largest resized shorter side, base_size x scale_range[1] = "
                                f"{config.base_size} x {scales[1]:g} = {largest:g}, so every training crop would be "
                                f"padding; use --config.crop_size <= {int(largest)} or raise base_size")
+
+
+def _check_choices(config, bad, device_count: int) -> None:
+    from segjax import losses, models, tasks
+
     choices = {"task": tuple(tasks.TASKS), "dtype": ("float32", "bfloat16", "float16"),
                "schedule": ("poly", "cosine"), "optimizer": ("sgd", "adamw"), "nonfinite": ("stop", "skip"),
                "loss": losses.LOSSES, "best_metric": ("miou", "mean_acc", "global_acc", "fwiou", "max_f")}

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from segjax import __version__, analysis, tasks
-from segjax.card import ModelCard, jsonable
+from segjax.card import ModelCard
+from segjax.files import jsonable
 from segjax.errors import SegjaxError
 
 FORMAT = "segjax-export"

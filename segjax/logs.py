@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import atexit
 import json
-import math
 import os
 import sys
 
 import numpy as np
 
+from segjax.files import jsonable
+
 METRICS_FILE = "metrics.jsonl"
-
-
-def _plain(value):
-    if isinstance(value, (np.ndarray, list, tuple)):
-        return [_plain(v) for v in np.asarray(value).tolist()] if isinstance(value, np.ndarray) else [_plain(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(float(value)) else None
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    return value
 
 
 class MetricWriter:
@@ -45,7 +36,7 @@ class MetricWriter:
     def write(self, step: int, split: str, values: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in values.items()}}
+        record = {"step": int(step), "split": split, **{k: jsonable(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in record.items():

@@ -20,7 +20,7 @@ class TinySeg(nn.Module):
 
     @nn.compact
     def __call__(self, x, train=False):
-        _, _, conv_bn = snn.dtype_partials(self.dtype, jnp.float32, self.axis_name)
+        conv_bn = snn.dtype_partials(self.dtype, jnp.float32, self.axis_name).conv_bn
         x = conv_bn(self.features, 3, name="block1")(x, train)
         x = conv_bn(self.features, 3, dilation=2, padding=2, name="block2")(x, train)
         out = snn.conv2d(self.num_classes, 1, use_bias=True, dtype=self.dtype, name="classifier")(x)

@@ -33,7 +33,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from segjax import tasks
-from segjax.card import ModelCard, jsonable
+from segjax.card import ModelCard
+from segjax.files import jsonable
 from segjax.errors import SegjaxError
 
 Rename = Callable[[str], "str | None"]

@@ -124,61 +124,20 @@ def _check_prepared(name: str, data_dir: str | None, num_classes: int | None) ->
 
 def _check_dir(root: str, num_classes: int | None, in_channels: int | None = None) -> CheckReport:
     root = os.path.abspath(root)
-    if not os.path.isdir(root):
-        raise SegjaxError(f"{root}: no such folder and no registered data set of that name; give a folder or one of "
-                          f"{', '.join(registry.names())}")
-    if not any(files for _, _, files in os.walk(root)):
-        raise SegjaxError(f"{root}: empty folder; put images in {{train,val}}/images/ and masks in "
-                          "{train,val}/masks/<stem>.png, or add a manifest.json (see segjax/data/folder.py)")
-    manifest = folder.with_channels(folder.resolve_manifest(root, infer_classes=False), in_channels)
-    if os.path.isfile(os.path.join(root, folder.MANIFEST_FILE)):
-        source = f"{root} ({folder.MANIFEST_FILE})"
-    else:
-        source = f"{root} (layout {{split}}/images/*, {{split}}/masks/<stem>.png)"
+    manifest, source = _folder_manifest(root, in_channels)
     names = manifest["class_names"]
     classes = num_classes or (len(names) if names else None)
-    remapped = bool(manifest.get("value_map")) or manifest.get("threshold") is not None
     reader = _Reader()
     binary = []  # pairs whose mask holds only 0 and 255, checked again once num_classes is inferred
     for split, spec in manifest["splits"].items():
         try:
             pairs = folder.match_pairs(root, spec, split, missing=lambda m: reader.problem(SegjaxError(m), "missing"))
-        except SegjaxError as e:
-            if "empty split" not in str(e) and "not found" not in str(e):
-                raise
+        except folder.EmptySplit as e:
             reader.problem(e, "empty")
             continue
         s = reader.split(split)
         for pair in pairs:
-            s.images += 1
-            try:
-                hw = folder.image_hw(pair[1], manifest)
-                s.hw.append(hw)
-            except (validate.InvalidData, OSError) as e:
-                reader.problem(e, "unreadable")
-                hw = None
-            try:
-                with Image.open(pair[2]) as img:
-                    reader.modes[img.mode] += 1
-            except (OSError, SyntaxError, ValueError):
-                pass
-            try:
-                mask = folder.load_mask(pair, manifest)
-            except (validate.InvalidData, OSError) as e:
-                reader.problem(e, "unreadable")
-                continue
-            s.masks += 1
-            s.add(mask)
-            values = set(np.unique(mask).tolist())
-            if values == {0, VOID} and not remapped:
-                reader.kinds["binary_0_255_seen"] += 1
-                binary.append(pair)
-            if hw is None:
-                continue
-            try:
-                folder.check_pair(pair, manifest, hw, mask, classes or VOID + 1)
-            except validate.InvalidData as e:
-                reader.problem(e)
+            binary += _check_pair(reader, s, pair, manifest, classes)
     if not any(s.images for s in reader.splits.values()):
         raise SegjaxError(f"{root}: no images found in any split ({', '.join(manifest['splits'])}); "
                           "check the folder or its manifest")
@@ -198,6 +157,55 @@ def _check_dir(root: str, num_classes: int | None, in_channels: int | None = Non
     names = list(names or folder.layout_class_names(classes))
     eval_split = next((s for s in ("val", "validation", "test") if s in reader.splits), None)
     return _report(reader, source, names, classes, how, eval_split)
+
+
+def _folder_manifest(root: str, in_channels: int | None) -> tuple[dict, str]:
+    """(the folder's manifest, as training reads it; how it was found) or a one-line error."""
+    if not os.path.isdir(root):
+        raise SegjaxError(f"{root}: no such folder and no registered data set of that name; give a folder or one of "
+                          f"{', '.join(registry.names())}")
+    if not any(files for _, _, files in os.walk(root)):
+        raise SegjaxError(f"{root}: empty folder; put images in {{train,val}}/images/ and masks in "
+                          "{train,val}/masks/<stem>.png, or add a manifest.json (see segjax/data/folder.py)")
+    manifest = folder.with_channels(folder.resolve_manifest(root, infer_classes=False), in_channels)
+    if _layout(root):
+        return manifest, f"{root} (layout {{split}}/images/*, {{split}}/masks/<stem>.png)"
+    return manifest, f"{root} ({folder.MANIFEST_FILE})"
+
+
+def _check_pair(reader: "_Reader", s, pair, manifest: dict, classes: int | None) -> list:
+    """Reads one image/mask pair as training does, counting it into split `s` and reporting its problems
+    to `reader`; returns [pair] when its mask holds only 0 and 255 (checked again once the number of
+    classes is inferred), else []."""
+    s.images += 1
+    try:
+        hw = folder.image_hw(pair[1], manifest)
+        s.hw.append(hw)
+    except (validate.InvalidData, OSError) as e:
+        reader.problem(e, "unreadable")
+        hw = None
+    try:
+        with Image.open(pair[2]) as img:
+            reader.modes[img.mode] += 1
+    except (OSError, SyntaxError, ValueError):
+        pass
+    try:
+        mask = folder.load_mask(pair, manifest)
+    except (validate.InvalidData, OSError) as e:
+        reader.problem(e, "unreadable")
+        return []
+    s.masks += 1
+    s.add(mask)
+    remapped = bool(manifest.get("value_map")) or manifest.get("threshold") is not None
+    binary = set(np.unique(mask).tolist()) == {0, VOID} and not remapped
+    if binary:
+        reader.kinds["binary_0_255_seen"] += 1
+    if hw is not None:
+        try:
+            folder.check_pair(pair, manifest, hw, mask, classes or VOID + 1)
+        except validate.InvalidData as e:
+            reader.problem(e)
+    return [pair] if binary else []
 
 
 def _layout(root: str) -> bool:

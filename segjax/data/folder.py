@@ -146,6 +146,10 @@ def resolve_manifest(manual_dir: str, manifest=None, name: str | None = None, in
             "class_names": _layout_class_names(manual_dir, splits, infer_classes), "splits": splits}
 
 
+class EmptySplit(SegjaxError):
+    """A split with no image: its folder is missing or matches no file."""
+
+
 def match_pairs(root: str, spec: dict, split: str, missing=None) -> list[tuple[str, str, str, str | None]]:
     """[(id, image path, mask path, roi path or None)] for one split, sorted by id.
 
@@ -159,7 +163,7 @@ def match_pairs(root: str, spec: dict, split: str, missing=None) -> list[tuple[s
     image_dir, image_glob = os.path.split(pattern)
     full_dir = os.path.join(root, image_dir)
     if not os.path.isdir(full_dir):
-        raise SegjaxError(f"{full_dir}: image folder of split '{split}' not found; check the manual dir and the manifest")
+        raise EmptySplit(f"{full_dir}: image folder of split '{split}' not found; check the manual dir and the manifest")
     head, tail = image_glob.split("*")
     id_of = re.compile(re.escape(head) + "(.+)" + re.escape(tail) + "$")
     pairs = []
@@ -178,7 +182,7 @@ def match_pairs(root: str, spec: dict, split: str, missing=None) -> list[tuple[s
             continue
         pairs.append((i, os.path.join(full_dir, name), mask, roi))
     if not pairs:
-        raise SegjaxError(f"{os.path.join(full_dir, image_glob)}: empty split '{split}' (no image matches); "
+        raise EmptySplit(f"{os.path.join(full_dir, image_glob)}: empty split '{split}' (no image matches); "
                           "fix the 'images' pattern")
     return pairs
 

@@ -43,7 +43,9 @@ def create(name: str, num_classes: int, conv_lowering: str | None = None, **kw) 
         lowering = snn.check_conv_method(conv_lowering) if conv_lowering else snn.default_conv_lowering()
     except ValueError as e:
         raise SegjaxError(str(e)) from None
-    return builder(num_classes=num_classes, conv_lowering=lowering, **kw)
+    if "conv_lowering" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kw["conv_lowering"] = lowering  # every segjax builder; a user's own builder may not take it
+    return builder(num_classes=num_classes, **kw)
 
 
 def names(kind: str | None = "segmentation") -> list[str]:
