@@ -12,7 +12,7 @@ import numpy as np
 from flax import linen as nn
 from flax.linen.dtypes import promote_dtype
 
-from segjax.nn.core import Array, Dtype, kaiming_normal_fan_out, pair
+from segjax.nn.core import Array, Dtype, conv_output_size, kaiming_normal_fan_out, pair
 
 #
 # How a convolution is lowered. XLA hands window-dilated (atrous) and base-dilated (transposed)
@@ -96,7 +96,7 @@ def conv_plan(method: str | None = None, backend: str | None = None) -> dict:
 
 def _live_taps(size: int, k: int, stride: int, dilation: int, lo: int, hi: int) -> tuple[int, int]:
     """First and last kernel tap along one axis that reads a real input element for some output."""
-    out = (size + lo + hi - dilation * (k - 1) - 1) // stride + 1
+    out = conv_output_size(size, k, stride, lo, hi, dilation)
     live = [i for i in range(k) if i * dilation - lo <= size - 1 and (out - 1) * stride - lo + i * dilation >= 0]
     return (live[0], live[-1]) if live else (k // 2, k // 2)
 
@@ -119,8 +119,7 @@ def _shifted_depthwise(x: Array, kernel: Array, stride, padding, dilation) -> Ar
     """Depthwise conv (kernel (kh, kw, 1, C)) as kh*kw strided slices times per-channel weights."""
     x = _pad(x, padding)
     (kh, kw), (sh, sw), (dh, dw) = kernel.shape[:2], stride, dilation
-    oh = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1
-    ow = (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = conv_output_size(x.shape[1], kh, sh, dilation=dh), conv_output_size(x.shape[2], kw, sw, dilation=dw)
     out = None
     for i in range(kh):
         for j in range(kw):
@@ -137,7 +136,7 @@ def _space_to_batch_conv(x: Array, kernel: Array, padding, dilation, groups: int
     (kh, kw), (dh, dw) = kernel.shape[:2], dilation
     n, c = x.shape[0], x.shape[3]
     x = _pad(x, padding)
-    oh, ow = x.shape[1] - dh * (kh - 1), x.shape[2] - dw * (kw - 1)
+    oh, ow = conv_output_size(x.shape[1], kh, dilation=dh), conv_output_size(x.shape[2], kw, dilation=dw)
     qh, qw = -(-x.shape[1] // dh), -(-x.shape[2] // dw)
     x = _pad(x, [(0, qh * dh - x.shape[1]), (0, qw * dw - x.shape[2])])
     x = x.reshape(n, qh, dh, qw, dw, c).transpose(2, 4, 0, 1, 3, 5).reshape(dh * dw * n, qh, qw, c)
@@ -198,7 +197,7 @@ def _taps_conv(x: Array, kernel: Array, dilation, padding) -> Array:
 
 
 def _conv_out_hw(x_shape, kernel_shape, dilation, padding):
-    return tuple(x_shape[1 + a] + sum(padding[a]) - dilation[a] * (kernel_shape[a] - 1) for a in (0, 1))
+    return tuple(conv_output_size(x_shape[1 + a], kernel_shape[a], 1, *padding[a], dilation[a]) for a in (0, 1))
 
 
 def _taps_forward(x, kernel, dilation, padding):
@@ -264,7 +263,7 @@ def conv(x: Array, kernel: Array, stride=1, padding=0, dilation=1, groups: int =
         k, d, (lo, hi) = kernel.shape[axis], dilation[axis], padding[axis]
         size, s = x.shape[1 + axis], stride[axis]
         first, last = _live_taps(size, k, s, d, lo, hi)
-        out = (size + lo + hi - d * (k - 1) - 1) // s + 1
+        out = conv_output_size(size, k, s, lo, hi, d)
         k_live = last - first + 1
         new_lo = lo - first * d
         new_hi = (out - 1) * s + d * (k_live - 1) + 1 - size - new_lo

@@ -1,4 +1,5 @@
-"""What every nn module shares: array type aliases, the (h, w) pair rule, symbolic sizes, the default init."""
+"""What every nn module shares: array type aliases, the (h, w) pair rule, the output-size rule, symbolic
+sizes, the default init."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -19,6 +20,11 @@ def pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 # torchvision's ResNet/MobileNet/segmentation heads use kaiming_normal_(mode="fan_out", relu).
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv_output_size(size, kernel: int, stride: int = 1, lo: int = 0, hi: int = 0, dilation: int = 1):
+    """Output length of a convolution (or window) along one axis: `F.conv2d`'s rule, padding lo + hi."""
+    return (size + lo + hi - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def is_symbolic(*sizes) -> bool:
