@@ -72,7 +72,7 @@ class Run:
     writer: logs.MetricWriter
     schedule: Callable
     meta: dict
-    sample_grid: Callable | None  # variables -> the picture of the fixed validation samples
+    sample_grid: Callable | None  # (variables, step) -> the picture of the fixed validation samples
 
 
 def setup(config, workdir: str) -> Run:
@@ -118,7 +118,8 @@ def setup(config, workdir: str) -> Run:
                config.eval_every_steps or steps_per_epoch, state, parallel, train_iter,
                functools.partial(_eval_loader, config, eval_source), ckpts,
                logs.MetricWriter(workdir, enabled=primary), schedule, model_meta(config),
-               _sample_grid(config, eval_source, parallel, model.apply))
+               _sample_grid(config, eval_source, parallel, model.apply,
+                            data.names_or_numbers(config.dataset, config.num_classes, root)))
 
 
 def build_model(config, axis_name: str | None = None):
@@ -191,8 +192,8 @@ def _eval_loader(config, source):
                                  shard_count=jax.process_count())
 
 
-def _sample_grid(config, source, parallel: S.DataParallel, apply_fn) -> Callable | None:
-    """variables -> image | truth | prediction grid of the first `config.sample_images` validation
+def _sample_grid(config, source, parallel: S.DataParallel, apply_fn, class_names) -> Callable | None:
+    """(variables, step) -> image | truth | prediction grid of the first `config.sample_images` validation
     examples (the same ones at every evaluation), or None when sample_images is 0."""
     if not config.sample_images:
         return None
@@ -204,9 +205,10 @@ def _sample_grid(config, source, parallel: S.DataParallel, apply_fn) -> Callable
     probs_of = jax.jit(lambda variables, x: inference.predict_probs(apply_fn, variables, x, task=config.task),
                        out_shardings=parallel.replicated)
 
-    def picture(variables):
+    def picture(variables, step):
         probs = np.asarray(probs_of(variables, images).addressable_data(0))
-        return samples.grid(pixels, batch["mask"], probs, config.task, batch["valid_hw"])
+        return samples.grid(pixels, batch["mask"], probs, config.task, batch["valid_hw"], step=step,
+                            class_names=class_names)
     return picture
 
 
@@ -302,7 +304,7 @@ def _evaluate(run: Run, state: S.TrainState, step: int) -> dict:
     if first:
         run.writer.write(step, "compile", run.parallel.compiled["eval"])
     if run.sample_grid is not None:
-        picture = run.sample_grid(state.variables)
+        picture = run.sample_grid(state.variables, step)
         if jax.process_index() == 0:
             samples.save(run.workdir, step, picture)
             run.writer.image(step, "samples", picture)
