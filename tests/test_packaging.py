@@ -91,7 +91,7 @@ def link_distribution(dist: importlib.metadata.Distribution, site: Path) -> int:
     files = dist.files
     if files is None:  # no RECORD: its top-level modules and its metadata folder
         top = (dist.read_text("top_level.txt") or "").split()
-        files = [Path(t) for t in top] + [Path(dist._path.name)]  # noqa: SLF001
+        files = [Path(t) for t in top] + [Path(dist._path.name)]
     links = 0
     for rel in files:
         parts = Path(rel).parts
@@ -171,7 +171,7 @@ def test_a_wheel_installed_into_a_fresh_venv_runs_every_verb(tmp_path):
     out = run([segjax, "train", "--workdir", str(workdir), *TINY], tmp_path, env).stdout
     assert "synthetic_unet: step 20" in out, out
     assert os.path.isdir(workdir / "checkpoints" / "20")
-    assert json.load(open(workdir / "config.json"))["name"] == "synthetic_unet"
+    assert json.loads((workdir / "config.json").read_text())["name"] == "synthetic_unet"
 
     onnx_out = tmp_path / "exported_onnx"
     refused = run([segjax, "export", "--checkpoint", str(workdir), "--onnx", str(onnx_out)], tmp_path, env, status=2)
@@ -181,7 +181,7 @@ def test_a_wheel_installed_into_a_fresh_venv_runs_every_verb(tmp_path):
     exported = tmp_path / "exported"
     out = run([segjax, "export", "--checkpoint", str(workdir), str(exported)], tmp_path, env).stdout
     assert sorted(os.listdir(exported)) == ["model.json", "model.stablehlo"], out
-    manifest = json.load(open(exported / "model.json"))
+    manifest = json.loads((exported / "model.json").read_text())
     assert manifest["model"] == "unet" and manifest["num_classes"] == 5 and manifest["onnx"] is None, manifest
 
     # The artifact runs with jax alone, at a size other than the example's, in the same venv.

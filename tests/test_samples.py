@@ -11,15 +11,17 @@ SIZE, FACTOR = 32, 6  # 32 px tiles are enlarged 6x to reach samples.MIN_TILE (1
 CELL = SIZE * FACTOR
 
 
-def _batch(rows=4, num_classes=len(CLASS_NAMES), seed=0):
+def _batch(rows=4, seed=0):
     rng = np.random.default_rng(seed)
     images, masks = zip(*(render(rng, SIZE, 3) for _ in range(rows)))
     images, masks = np.stack(images).astype(np.float32), np.stack(masks)
-    return images, masks, _probs(masks, num_classes, rng)
+    return images, masks, _probs(masks, rng)
 
 
-def _probs(masks, num_classes=len(CLASS_NAMES), rng=np.random.default_rng(1)):
+def _probs(masks, rng=None):
     """Scores that predict the truth (background on void pixels), with a little noise."""
+    rng = rng or np.random.default_rng(1)
+    num_classes = len(CLASS_NAMES)
     labels = np.where(masks == 255, 0, masks)
     return np.eye(num_classes, dtype=np.float32)[labels] + rng.uniform(0, 0.1, labels.shape + (num_classes,))
 
