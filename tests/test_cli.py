@@ -162,6 +162,18 @@ def test_export_of_a_trained_workdir(trained, tmp_path, capsys):
     assert len(err) == 1 and "--onnx-fixed-size 48 48 differ" in err[0] and not (tmp_path / "no").exists()
 
 
+@pytest.mark.parametrize("flag", [["--onnx"], ["--onnx-fixed-size", "32", "32"]])
+def test_onnx_export_without_the_export_extra_names_it_before_reading_the_checkpoint(flag, tmp_path, capsys,
+                                                                                     monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)  # as on `pip install segjax` without [export]
+    out = tmp_path / "exported"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "no_such_run"), str(out), *flag]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ONNX export needs jax2onnx") and \
+        err[0].endswith('pip install "segjax[export]"'), err
+    assert not out.exists() and not (tmp_path / "no_such_run").exists()
+
+
 def test_bad_override_is_a_one_line_error_with_status_2(tmp_path):
     env = dict(os.environ, SEGJAX_DATA_DIR=str(tmp_path / "data"))
     for arg, expected in (("--config.batch_sise=8", "unknown key 'batch_sise'"),
