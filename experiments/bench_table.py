@@ -6,8 +6,8 @@ Rewrites only the text between the <!-- bench-table --> and <!-- /bench-table --
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 BUSY = "**BUSY**"
@@ -166,9 +166,11 @@ def update_readme(readme: Path, results: list[dict], source: str = "docs/bench_r
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit(__doc__)
-    found = [json.loads(f.read_text()) for f in sorted(Path(sys.argv[2]).glob("*.json"))]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("readme", type=Path, help="the Markdown file holding the table's markers")
+    parser.add_argument("results", type=Path, help="a folder of benchmark.py's *.json results")
+    args = parser.parse_args()
+    found = [json.loads(f.read_text()) for f in sorted(args.results.glob("*.json"))]
     if not found:
-        raise SystemExit(f"no benchmark results (*.json) in {sys.argv[2]}")
-    print(update_readme(Path(sys.argv[1]), found))
+        raise SystemExit(f"no benchmark results (*.json) in {args.results}")
+    print(update_readme(args.readme, found))

@@ -341,7 +341,7 @@ def parse_args(argv):
                         f"{'|'.join(CONV_METHODS)} (default: SEGJAX_CONV as set, else segjax's default, auto)")
     p.add_argument("--max-load", type=float, default=None, metavar="LOAD",
                    help="refuse to run when the 1-minute load average is above LOAD (default on the CPU backend: "
-                        f"refuse when over {CPU_MAX_BUSY:.0%} of the cores are busy in a 1-second sample; on an "
+                        f"refuse when over {CPU_MAX_BUSY:.0%}% of the cores are busy in a 1-second sample; on an "
                         "accelerator: load above the host's core count)")
     p.add_argument("--allow-busy", action="store_true",
                    help="run even above --max-load; the result and its table rows are flagged BUSY")

@@ -200,6 +200,8 @@ def _run_export(args):
     if args.fixed_size and args.onnx_fixed_size and args.fixed_size != args.onnx_fixed_size:
         raise SegjaxError(f"--fixed-size {' '.join(map(str, args.fixed_size))} and --onnx-fixed-size "
                           f"{' '.join(map(str, args.onnx_fixed_size))} differ; give one of them")
+    if args.onnx or args.onnx_fixed_size:
+        export.require_onnx()  # before the checkpoint is read or anything is written
     _quiet_orbax()
     loaded = inference.load_for_inference(args.checkpoint)
     size = tuple(args.fixed_size or args.onnx_fixed_size or (64, 64))

@@ -126,6 +126,11 @@ def _onnx_modules():
     return jax2onnx, onnxruntime
 
 
+def require_onnx() -> None:
+    """The one-line install hint, for callers that check before loading or writing anything."""
+    _onnx_modules()
+
+
 def _to_onnx(fn, spec: jax.ShapeDtypeStruct, name: str):
     """ONNX ModelProto of `fn` at `spec`.
 

@@ -16,6 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from segjax import metrics
 from segjax.errors import SegjaxError
@@ -30,6 +31,7 @@ class Task:
     suffixes: dict           # `segjax predict` outputs: key -> file-name suffix
     probs_suffixes: dict     # ... and the extra outputs of --save-probs
     labels_are_classes: bool  # mask values index the classes (a data set's class list must fit num_classes)
+    score_name: str          # of one sample's score in pictures (`sample_score`)
     fixed_num_classes: int | None = None  # the one channel count the task allows (None: any)
 
     def activate(self, logits):
@@ -49,6 +51,22 @@ class Task:
     def format_scores(self, scores: dict, class_names) -> str:
         """The scores as `segjax eval` prints them."""
         return "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
+
+    def sample_score(self, mask: np.ndarray, probs: np.ndarray) -> float:
+        """One sample's score, for pictures: (H, W) truth (255 = void) against (H, W, C) probabilities."""
+        raise NotImplementedError
+
+    def picture(self, mask: np.ndarray, probs: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(truth, prediction) as uint8 RGB (H, W, 3) tiles; `palette` (256, 3) colours the labels."""
+        raise NotImplementedError
+
+    def legend(self, shown: set, class_names, palette: np.ndarray) -> list[tuple]:
+        """[(RGB colour or None for plain text, text)] naming what the picture's colours mean."""
+        raise NotImplementedError
+
+    def shown(self, mask: np.ndarray, probs: np.ndarray) -> set:
+        """The classes a sample's tiles show (truth and prediction), for the legend."""
+        return set()
 
     def class_names(self, num_classes: int) -> list[str] | None:
         """The names a model of this task has without a data set to name them (None: unknown)."""
@@ -74,6 +92,23 @@ class _Segmentation(Task):
     def format_scores(self, scores: dict, class_names) -> str:
         return metrics.format_table(scores, class_names)
 
+    def sample_score(self, mask, probs) -> float:
+        """mIoU over the classes in the sample's truth or prediction (void pixels left out)."""
+        cm = np.asarray(metrics.confusion_matrix(probs.argmax(-1), mask, probs.shape[-1]))
+        return metrics.scores(cm)["miou"]
+
+    def picture(self, mask, probs, palette):
+        return palette[np.clip(mask, 0, 255)], palette[probs.argmax(-1)]
+
+    def shown(self, mask, probs) -> set:
+        return set(np.unique(mask).tolist()) | set(np.unique(probs.argmax(-1)).tolist())
+
+    def legend(self, shown, class_names, palette):
+        def name(c):
+            return "void" if c == 255 else (str(class_names[c]) if class_names is not None and c < len(class_names)
+                                             else str(c))
+        return [(tuple(int(v) for v in palette[c]), name(c)) for c in sorted(shown)]
+
     def palette(self, num_classes: int) -> list[list[int]]:
         from segjax.data.synthetic import voc_palette
         pal = voc_palette()
@@ -96,15 +131,30 @@ class _Saliency(Task):
     def class_names(self, num_classes: int) -> list[str] | None:
         return ["salient"] if num_classes == 1 else None
 
+    def sample_score(self, mask, probs) -> float:
+        """The mean absolute error of the probability against the 0/1 truth (void pixels left out)."""
+        valid = mask != 255
+        return float(np.abs(probs[..., 0] - np.clip(mask, 0, 1))[valid].mean()) if valid.any() else float("nan")
+
+    def picture(self, mask, probs, palette):
+        truth = np.where(mask == 255, 128, np.clip(mask, 0, 1) * 255).astype(np.uint8)
+        pred = np.rint(np.clip(probs[..., 0], 0, 1) * 255).astype(np.uint8)
+        return np.repeat(truth[..., None], 3, -1), np.repeat(pred[..., None], 3, -1)
+
+    def legend(self, shown, class_names, palette):
+        return [(None, "truth:"), ((255, 255, 255), "salient"), ((0, 0, 0), "background"), ((128, 128, 128), "void"),
+                (None, "prediction: probability, black 0 to white 1")]
+
 
 SEGMENTATION = _Segmentation(
     "segmentation", "softmax", "label = argmax over the last axis", "miou",
     suffixes={"mask": ".png", "overlay": "_overlay.jpg"},
-    probs_suffixes={"probs": "_probs", "entropy": "_entropy.png"}, labels_are_classes=True)
+    probs_suffixes={"probs": "_probs", "entropy": "_entropy.png"}, labels_are_classes=True, score_name="mIoU")
 SALIENCY = _Saliency(
     "saliency", "sigmoid", "saliency = sigmoid(channel 0)", "max_f",
     suffixes={"mask": "_saliency.png", "overlay": "_cutout.png"},
-    probs_suffixes={"saliency16": "_saliency16.png"}, labels_are_classes=False, fixed_num_classes=1)
+    probs_suffixes={"saliency16": "_saliency16.png"}, labels_are_classes=False, score_name="MAE",
+    fixed_num_classes=1)
 TASKS = {t.name: t for t in (SEGMENTATION, SALIENCY)}
 
 

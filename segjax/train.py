@@ -74,7 +74,7 @@ class Run:
     writer: logs.MetricWriter
     schedule: Callable
     card: ModelCard                         # what the checkpoints say the model is
-    sample_grid: Callable | None  # variables -> the picture of the fixed validation samples
+    sample_grid: Callable | None  # (variables, step) -> the picture of the fixed validation samples
 
 
 def setup(config, workdir: str) -> Run:
@@ -104,6 +104,7 @@ def setup(config, workdir: str) -> Run:
                               loss_fn=loss_fn, scales=config.eval_scales, flip=config.eval_flip)
     train_iter = _train_iterator(config, train_source, parallel, total_steps, steps_per_epoch)
 
+    card = model_card(config, root)
     state = parallel.put_state(state)  # restore into the global layout: no cross-host copies afterwards
     os.makedirs(workdir, exist_ok=True)  # only now: a run refused for its data or recipe leaves no workdir
     ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, config.best_metric)
@@ -117,8 +118,8 @@ def setup(config, workdir: str) -> Run:
     return Run(config, workdir, start or 0, total_steps, min(config.stop_at_step or total_steps, total_steps),
                config.eval_every_steps or steps_per_epoch, state, parallel, train_iter,
                functools.partial(_eval_loader, config, eval_source), ckpts,
-               logs.MetricWriter(workdir, enabled=primary), schedule, model_card(config, root),
-               _sample_grid(config, eval_source, parallel, model.apply))
+               logs.MetricWriter(workdir, enabled=primary), schedule, card,
+               _sample_grid(config, eval_source, parallel, model.apply, list(card.class_names)))
 
 
 def build_model(config, axis_name: str | None = None):
@@ -192,8 +193,8 @@ def _eval_loader(config, source):
                                  shard_count=jax.process_count())
 
 
-def _sample_grid(config, source, parallel: S.DataParallel, apply_fn) -> Callable | None:
-    """variables -> image | truth | prediction grid of the first `config.sample_images` validation
+def _sample_grid(config, source, parallel: S.DataParallel, apply_fn, class_names) -> Callable | None:
+    """(variables, step) -> image | truth | prediction grid of the first `config.sample_images` validation
     examples (the same ones at every evaluation), or None when sample_images is 0."""
     if not config.sample_images:
         return None
@@ -205,9 +206,10 @@ def _sample_grid(config, source, parallel: S.DataParallel, apply_fn) -> Callable
     probs_of = jax.jit(lambda variables, x: inference.predict_probs(apply_fn, variables, x, task=config.task),
                        out_shardings=parallel.replicated)
 
-    def picture(variables):
+    def picture(variables, step):
         probs = np.asarray(probs_of(variables, images).addressable_data(0))
-        return samples.grid(pixels, batch["mask"], probs, config.task, batch["valid_hw"])
+        return samples.grid(pixels, batch["mask"], probs, config.task, batch["valid_hw"], step=step,
+                            class_names=class_names)
     return picture
 
 
@@ -303,7 +305,7 @@ def _evaluate(run: Run, state: S.TrainState, step: int) -> dict:
     if first:
         run.writer.write(step, "compile", run.parallel.compiled["eval"])
     if run.sample_grid is not None:
-        picture = run.sample_grid(state.variables)
+        picture = run.sample_grid(state.variables, step)
         if jax.process_index() == 0:
             samples.save(run.workdir, step, picture)
             run.writer.image(step, "samples", picture)

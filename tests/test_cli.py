@@ -45,15 +45,22 @@ def test_train_writes_metrics_events_plots_and_checkpoints(trained, capsys):
 
 
 def test_each_eval_writes_a_grid_of_the_same_validation_samples(trained):
+    from segjax import samples
     rc, root, workdir = trained
     assert sorted(os.listdir(workdir / "samples")) == ["step_2.png", "step_4.png"]
-    first, last = (np.asarray(Image.open(workdir / "samples" / f"step_{s}.png")) for s in (2, 4))
-    gap = 2  # 4 rows of 24x24 validation images (image | truth | prediction), 2 white pixels apart
-    assert first.shape == last.shape == (4 * 24 + 3 * gap, 3 * 24 + 2 * gap, 3)
-    np.testing.assert_array_equal(first[:, :48 + gap], last[:, :48 + gap])  # same images and truth
-    truth = first[:24, 24 + gap:48 + gap].reshape(-1, 3)
-    from segjax.samples import _palette
-    assert {tuple(c) for c in truth} <= {tuple(c) for c in _palette()[[0, 1, 2, 3, 4, 255]]}
+    first, last = (np.asarray(Image.open(workdir / "samples" / f"step_{s}.png").convert("RGB")) for s in (2, 4))
+    cell = 24 * 8  # 24x24 validation images, each tile enlarged 8x to reach samples.MIN_TILE
+    assert first.shape == last.shape and first.shape[1] == 2 * samples.PAD + 3 * (cell + samples.GAP) + samples.SCORE_W
+    assert first.shape[0] > samples.PAD + samples.TITLE_H + 4 * cell + 3 * samples.GAP  # 4 rows, then the legend
+    palette = {tuple(c) for c in samples._palette()[[0, 1, 2, 3, 4, 255]]}
+    for row in range(4):
+        (xi, y), (xt, _) = (samples.cell_origin(row, column, cell, cell) for column in (0, 1))
+        np.testing.assert_array_equal(first[y:y + cell, xi:xi + cell], last[y:y + cell, xi:xi + cell])  # same image
+        truth = first[y:y + cell, xt:xt + cell]
+        np.testing.assert_array_equal(truth, last[y:y + cell, xt:xt + cell])
+        np.testing.assert_array_equal(truth, np.repeat(np.repeat(truth[::8, ::8], 8, 0), 8, 1))  # nearest neighbour
+        assert {tuple(c) for c in truth.reshape(-1, 3)} <= palette
+    assert not np.array_equal(first[:samples.PAD + samples.LINE], last[:samples.PAD + samples.LINE])  # the step
     assert [step for step, tag in tensorboard_images(workdir / "tensorboard")] == [2, 4]
 
 
@@ -153,6 +160,18 @@ def test_export_of_a_trained_workdir(trained, tmp_path, capsys):
                      "--onnx-fixed-size", "48", "48"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--onnx-fixed-size 48 48 differ" in err[0] and not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("flag", [["--onnx"], ["--onnx-fixed-size", "32", "32"]])
+def test_onnx_export_without_the_export_extra_names_it_before_reading_the_checkpoint(flag, tmp_path, capsys,
+                                                                                     monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)  # as on `pip install segjax` without [export]
+    out = tmp_path / "exported"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "no_such_run"), str(out), *flag]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ONNX export needs jax2onnx") and \
+        err[0].endswith('pip install "segjax[export]"'), err
+    assert not out.exists() and not (tmp_path / "no_such_run").exists()
 
 
 def test_bad_override_is_a_one_line_error_with_status_2(tmp_path):
