@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
+from jax.errors import InconclusiveDimensionOperation
 
 from segjax.errors import SegjaxError
 from segjax.nn.core import Array, is_symbolic, pair
@@ -160,9 +161,14 @@ def max_pool2d(x: Array, kernel_size: int = 2, stride: int | None = None, paddin
         return _max_pool(x, kernel_size, stride, pads)
     values, tap = _argmax_pool(x, kernel_size, stride, pads)
     oh, ow = values.shape[1:3]
-    rows = (jnp.arange(oh, dtype=jnp.int32) * stride - padding)[:, None, None] + tap // kernel_size
-    cols = (jnp.arange(ow, dtype=jnp.int32) * stride - padding)[None, :, None] + tap % kernel_size
-    indices = rows * x.shape[2] + cols
+    width = x.shape[2]
+    # Window (0, 0)'s flat index, plus the winning tap's offset i * W + j (selected, not divided
+    # out of the tap number: ONNX converters handle integer division poorly with symbolic sizes).
+    corner = ((jnp.arange(oh, dtype=jnp.int32) * stride - padding) * width)[:, None, None] \
+        + (jnp.arange(ow, dtype=jnp.int32) * stride - padding)[None, :, None]
+    offset = sum(jnp.where(tap == t, (t // kernel_size) * width + t % kernel_size, 0)
+                 for t in range(kernel_size * kernel_size))
+    indices = (corner + offset).astype(jnp.int32)
     return values, PoolIndices(indices, tuple(x.shape[1:3]), (kernel_size, stride, padding))
 
 
@@ -209,18 +215,34 @@ def max_unpool2d(x: Array, indices, kernel_size: int | Sequence[int], stride=Non
 
 def _unpool_windows(x: Array, flat: Array, factor: int, padding: int, out_hw) -> Array:
     """Unpooling of non-overlapping factor x factor windows: each value repeated over its window and
-    kept where its index points. Exact for indices that lie in their own windows, as a pool's do."""
-    h, w = x.shape[1:3]
+    kept where its flat index is the position's own. Exact for indices that lie in their own windows,
+    as a pool's do; no scatter, and no integer division (symbolic sizes export to ONNX)."""
+    up = nearest_upsample(x, factor)  # rows -padding .. h * factor - padding - 1 of the output
     width = out_hw[1]
-    rows = flat // width - (jnp.arange(h, dtype=flat.dtype) * factor - padding)[:, None, None]
-    cols = flat % width - (jnp.arange(w, dtype=flat.dtype) * factor - padding)[None, :, None]
-    tap = nearest_upsample(rows * factor + cols, factor)
-    grid = jnp.arange(factor, dtype=tap.dtype)
-    here = (jnp.tile(grid, h)[:, None, None] * factor + jnp.tile(grid, w)[None, :, None])
-    up = jnp.where(tap == here, nearest_upsample(x, factor), jnp.zeros((), x.dtype))
-    # rows -padding .. : crop the left pad and crop or zero-fill the right to the output size
-    cfg = [(0, 0, 0)] + [(-padding, out_hw[a] - (up.shape[1 + a] - padding), 0) for a in (0, 1)] + [(0, 0, 0)]
-    return jax.lax.pad(up, jnp.zeros((), x.dtype), cfg)
+    rows = jnp.arange(up.shape[1], dtype=jnp.int32) - padding
+    cols = jnp.arange(up.shape[2], dtype=jnp.int32) - padding
+    own = (rows * width)[:, None, None] + cols[None, :, None]
+    up = jnp.where(nearest_upsample(flat, factor) == own, up, jnp.zeros((), x.dtype))
+    for axis in (1, 2):
+        up = _fit(up, axis, padding, out_hw[axis - 1])
+    return up
+
+
+def _fit(x: Array, axis: int, start: int, size) -> Array:
+    """x[start:start + size] along `axis`, zero-filled past its end.
+
+    Whether rows are dropped or added at the end is decided as a sign, once: jax proves
+    `2 * floordiv(h - 1, 2) + 2 - h >= 0` (a ceil-mode pool's rows) and `h - 2 * floordiv(h, 2) >= 0`
+    (a floor-mode pool's), though not their negations, so symbolic sizes keep one static form."""
+    extra = size - (x.shape[axis] - start)
+    try:
+        adds = bool(extra >= 0)
+    except InconclusiveDimensionOperation:
+        adds = False  # then it is provably <= 0: the slice below checks it
+    if not adds:
+        return jax.lax.slice_in_dim(x, start, start + size, axis=axis)
+    x = jax.lax.slice_in_dim(x, start, x.shape[axis], axis=axis)
+    return jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
