@@ -129,3 +129,21 @@ def test_floor_mode_refuses_images_below_32_px():
     ceil = models.create("segnet_vgg16_bn", 2, base_width=8)
     out = jax.eval_shape(lambda: ceil.init_with_output(jax.random.key(0), jnp.zeros((1, 5, 7, 3)))[0])
     assert out["out"].shape == (1, 5, 7, 2)
+
+
+def test_cli_convert_reads_delta_onera_checkpoint(tmp_path, capsys):
+    from segjax import cli
+
+    sd = random_state_dict(TABLE, seed=9)
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "segnet.pth")
+    assert cli.main(["convert", "segnet_vgg16_bn", str(tmp_path / "segnet.pth"), str(tmp_path / "ckpt")]) == 0
+    meta = json.loads((tmp_path / "ckpt" / "segjax.json").read_text())
+    assert meta["model_kwargs"] == {"num_classes": 11, "ceil_mode": False, "base_width": 64}
+    assert meta["layout"] == "delta-onera/segnet_pytorch"
+    del sd["bn42.running_var"]
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "broken.pth")
+    capsys.readouterr()
+    assert cli.main(["convert", "segnet_vgg16_bn", str(tmp_path / "broken.pth"), str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+    assert not (tmp_path / "bad" / "segjax.json").exists()
