@@ -24,14 +24,17 @@ from segjax.models.vgg import STAGES, layer_names
 _DELTA_ONERA = re.compile(r"^(conv|bn)(\d)(\d)(d?)\.(.+)$")
 
 
+# torchvision vgg16_bn `features` index -> caffe name, for every conv and BatchNorm
+_VGG16_BN_NAMES = {tv: caffe for tv_pair, caffe_pair in zip(layer_names(STAGES["vgg16"], True, False),
+                                                            layer_names(STAGES["vgg16"], True, True))
+                   for tv, caffe in zip(tv_pair, caffe_pair)}
+
+
 def _vgg16_bn_rename(key: str) -> str | None:
     """torchvision vgg16_bn `features.<index>` -> the encoder's caffe names; the classifier is dropped."""
-    torchvision = layer_names(STAGES["vgg16"], True, False)
-    caffe = layer_names(STAGES["vgg16"], True, True)
-    names = {tv: cf for pair_tv, pair_cf in zip(torchvision, caffe) for tv, cf in zip(pair_tv, pair_cf)}
     group, index, leaf = key.split(".", 2) if key.count(".") >= 2 else (key, "", "")
-    if group == "features" and index in names:
-        return f"{names[index]}.{leaf}"
+    if group == "features" and index in _VGG16_BN_NAMES:
+        return f"{_VGG16_BN_NAMES[index]}.{leaf}"
     return None if group == "classifier" else key
 
 

@@ -12,8 +12,8 @@ logits. Each decoder stage keeps its encoder stage's width, its last conv narrow
 the stage above. Pools are 2x2/2 and return their indices; each unpooling puts the values back where
 its pool found them, at the size the pool saw. caffe pools with ceil_mode (the default here): at
 360x480 the encoder goes 180x240, 90x120, 45x60, 23x30, 12x15, and the decoder back through exactly
-those sizes. `ceil_mode=False` is the geometry of the common PyTorch ports (floor pools; those
-ports' default unpooling size also restores odd sizes only where they are multiples of 32).
+those sizes. `ceil_mode=False` is the geometry of the common PyTorch ports (floor pools; their
+default unpooling size gives back each pool's input size only where H and W are multiples of 32).
 
 The encoder lives under "encoder" with caffe's names (conv1_1, conv1_1_bn, ...), so
 `segjax.convert.load_backbone` fills it from torchvision's vgg16_bn (the paper starts from VGG16).
