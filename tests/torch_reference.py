@@ -1,5 +1,5 @@
-"""Compact PyTorch twins of segjax models that torchvision lacks: UNet, U^2-Net, DeepLab v3+ (ResNet) and
-FCN-32s/16s/8s (VGG16), for throughput side by side (experiments/benchmark.py picks up a builder named like
+"""Compact PyTorch twins of segjax models that torchvision lacks: UNet, U^2-Net, DeepLab v3+ (ResNet),
+FCN-32s/16s/8s (VGG16) and SegNet, for throughput side by side (experiments/benchmark.py picks up a builder named like
 the segjax model). Written from the architectures as segjax/models documents them; the same layer widths,
 so parameter counts match segjax's exactly (tested), not a copy of the original repositories. Outputs
 follow segjax's contract: {"out": logits, "aux": ..., "sides": [...]} in NCHW.
@@ -344,3 +344,55 @@ def fcn16s_vgg16(num_classes: int = 21, dropout_rate: float = 0.5, **_) -> FCNVG
 
 def fcn8s_vgg16(num_classes: int = 21, dropout_rate: float = 0.5, **_) -> FCNVGG16:
     return FCNVGG16(num_classes, 8, dropout_rate)
+
+
+# ------------------------------------------------------------------------------------------ SegNet
+
+VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+
+class SegNet(nn.Module):
+    """VGG16-BN encoder whose MaxPool2d(return_indices=True) indices drive the decoder's MaxUnpool2d, each
+    unpooling to the size its pool saw. Parameter names are segjax's (encoder.conv1_1, encoder.conv1_1_bn,
+    ..., decoder.conv1_1_D), so `segjax.convert.from_torch` maps this state_dict with the generic rule."""
+
+    def __init__(self, num_classes: int, ceil_mode: bool = True, base_width: int = 64):
+        super().__init__()
+        self.stages = [[max(1, w * base_width // 64) for w in stage] for stage in VGG16_STAGES]
+        self.pool = nn.MaxPool2d(2, 2, ceil_mode=ceil_mode, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2, 2)
+        self.encoder, self.decoder = nn.ModuleDict(), nn.ModuleDict()
+        cin = 3
+        for s, widths in enumerate(self.stages, 1):
+            for k, width in enumerate(widths, 1):
+                self.encoder[f"conv{s}_{k}"] = nn.Conv2d(cin, width, 3, padding=1)
+                self.encoder[f"conv{s}_{k}_bn"] = nn.BatchNorm2d(width)
+                cin = width
+        for s in range(len(self.stages), 0, -1):
+            widths = self.stages[s - 1]
+            for k in range(len(widths), 0, -1):
+                cout = widths[k - 1] if k > 1 else (self.stages[s - 2][-1] if s > 1 else num_classes)
+                self.decoder[f"conv{s}_{k}_D"] = nn.Conv2d(cin, cout, 3, padding=1)
+                if (s, k) != (1, 1):
+                    self.decoder[f"conv{s}_{k}_D_bn"] = nn.BatchNorm2d(cout)
+                cin = cout
+
+    def forward(self, x):
+        sizes, indices = [], []
+        for s, widths in enumerate(self.stages, 1):
+            for k in range(1, len(widths) + 1):
+                x = F.relu(self.encoder[f"conv{s}_{k}_bn"](self.encoder[f"conv{s}_{k}"](x)))
+            sizes.append(x.shape[2:])
+            x, where = self.pool(x)
+            indices.append(where)
+        for s in range(len(self.stages), 0, -1):
+            x = self.unpool(x, indices[s - 1], output_size=sizes[s - 1])
+            for k in range(len(self.stages[s - 1]), 0, -1):
+                x = self.decoder[f"conv{s}_{k}_D"](x)
+                if (s, k) != (1, 1):
+                    x = F.relu(self.decoder[f"conv{s}_{k}_D_bn"](x))
+        return {"out": x}
+
+
+def segnet_vgg16_bn(num_classes: int = 11, ceil_mode: bool = True, base_width: int = 64, **_) -> SegNet:
+    return SegNet(num_classes, ceil_mode, base_width)

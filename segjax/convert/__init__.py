@@ -460,4 +460,4 @@ def convert_file(name: str, in_path: str, out_dir: str, **model_kw) -> dict:
 
 
 # Importing a layout module registers its layouts.
-from segjax.convert import resnet_layouts, mobilenet_layouts, vgg_layouts, unet_layouts  # noqa: E402,F401
+from segjax.convert import resnet_layouts, mobilenet_layouts, vgg_layouts, unet_layouts, segnet_layouts  # noqa: E402,F401

