@@ -102,10 +102,10 @@ class SegNet(nn.Module):
 
 @register("segnet_vgg16_bn")
 def segnet_vgg16_bn(num_classes: int = 11, ceil_mode: bool = True, base_width: int = 64, dtype=None,
-                    param_dtype=jnp.float32, axis_name=None) -> SegNet:
+                    param_dtype=jnp.float32, axis_name=None, conv_lowering: str = "auto") -> SegNet:
     """SegNet on VGG16-BN; `base_width` scales every stage (64: the paper's; smaller for quick tests)."""
     if base_width < 1:
         raise SegjaxError(f"segnet_vgg16_bn: base_width must be a positive integer, got {base_width}")
     stages = tuple(tuple(max(1, w * base_width // 64) for w in stage) for stage in STAGES["vgg16"])
-    layers = dtype_partials(dtype, param_dtype, axis_name)
+    layers = dtype_partials(dtype, param_dtype, axis_name, conv_lowering=conv_lowering)
     return SegNet(num_classes, stages, ceil_mode, conv=layers.conv, norm=layers.norm)

@@ -139,9 +139,32 @@ class PoolIndices:
     input_size: tuple = struct.field(pytree_node=False)
     window: tuple = struct.field(pytree_node=False, default=())  # (kernel, stride, padding) of the pool
 
+    # It reads as the index array itself (the contract: indices NHWC like the values), so numpy, jnp
+    # and comparisons with PyTorch's indices take it as they are.
     @property
     def shape(self):
         return self.indices.shape
+
+    @property
+    def dtype(self):
+        return self.indices.dtype
+
+    @property
+    def ndim(self):
+        return self.indices.ndim
+
+    def __array__(self, dtype=None, copy=None):
+        import numpy as np
+        return np.asarray(self.indices, dtype)
+
+    def __jax_array__(self):
+        return self.indices
+
+    def __getitem__(self, key):
+        return self.indices[key]
+
+    def tolist(self):
+        return self.indices.tolist()
 
 
 def max_pool2d(x: Array, kernel_size: int = 2, stride: int | None = None, padding: int = 0,
