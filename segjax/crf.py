@@ -54,6 +54,10 @@ from segjax.errors import SegjaxError
 DEFAULTS = {"iterations": 10, "pos_w": 3.0, "pos_xy_std": 1.0, "bi_w": 4.0, "bi_xy_std": 67.0, "bi_rgb_std": 3.0}
 PARAMS = tuple(DEFAULTS)
 UNARY_CLIP = 1e-5  # pydensecrf.utils.unary_from_softmax's clip
+# The values each converted reproduction evaluated its with-CRF row with; `segjax convert` writes them to segjax.json.
+KAZUTO_VOC = dict(DEFAULTS)  # kazuto1011/deeplab-pytorch DeepLab v2: 76.65 -> 77.93 mIoU, VOC12 val
+LARGEFOV_PORT = {"iterations": 10, "pos_w": 3.0, "pos_xy_std": 3.0, "bi_w": 5.0, "bi_xy_std": 140.0,
+                 "bi_rgb_std": 5.0}  # wangleihitcs/DeepLab-V1-PyTorch main.py: 65.44 -> 69.60 mIoU, VOC12 val
 _CANDIDATES = 3  # lattice points compared per hash lookup: a miss needs 4 points sharing one 32-bit hash
 
 
@@ -312,6 +316,48 @@ def _lookup(table_hash, table_words, count, words):
         same = (first + k < count) & (table_hash[at] == h) & jnp.all(table_words[at] == words, axis=-1)
         found = jnp.where(same, at, found)
     return found
+
+
+# ------------------------------------------------------------------------------------- tools' use
+
+def resolve_params(saved: dict | None = None, **overrides) -> dict:
+    """The CRF values a run uses: a checkpoint's own (segjax.json "crf"), else DEFAULTS, each replaced by an
+    override that is not None; all checked."""
+    params = {**DEFAULTS, **{k: v for k, v in (saved or {}).items() if k in DEFAULTS}}
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise SegjaxError(f"unknown CRF parameter {unknown[0]!r}; the parameters are {', '.join(PARAMS)}")
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    for name, value in params.items():
+        _check_param(name, value)
+    params = {k: float(v) for k, v in params.items()}
+    params["iterations"] = int(params["iterations"])
+    return params
+
+
+def describe(params: dict) -> str:
+    return " ".join(f"{k}={params[k]:g}" for k in PARAMS)
+
+
+def check_usable(task: str, model: str, tile) -> None:
+    """The CRF refines whole-image class probabilities: refuse saliency models and tiled inference."""
+    if task == "saliency":
+        raise SegjaxError(f"--crf: {model} is a saliency model (one foreground channel); the CRF refines the "
+                          "class probabilities of segmentation models; drop --crf")
+    if tile is not None:
+        raise SegjaxError("--crf with --tile: the fully connected CRF links every pixel to every other, so it needs "
+                          "the whole image's probabilities at once; drop --tile (or --crf)")
+
+
+def refiner(params: dict):
+    """jit-compiled (uint8 image (H, W, 3), probs (H, W, C)) -> refined probs, with `params` fixed."""
+    return jax.jit(functools.partial(dense_crf, **params))
+
+
+def image_uint8(normalised, mean, std) -> np.ndarray:
+    """The uint8 RGB image back from a normalised float one ((x / 255 - mean) / std)."""
+    x = np.asarray(normalised, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------- checks

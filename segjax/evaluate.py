@@ -58,14 +58,38 @@ def evaluate_tiled(loaded: inference.InferenceModel, loader, tile, overlap: floa
     return metrics.saliency_scores(total) if loaded.task == "saliency" else metrics.scores(total["confusion"])
 
 
+def evaluate_crf(loaded: inference.InferenceModel, loader, crf_params: dict, scales=(1.0,), flip: bool = False,
+                 ms_rule: str = "mean-probs") -> dict:
+    """Scores of the CRF-refined probabilities (segjax.crf), image by image (loader batches of 1): the model's
+    probabilities at the image's size (its padding cropped off), then the CRF on them and the image."""
+    from segjax import crf
+
+    probs_fn = jax.jit(lambda variables, x: inference.predict_probs(loaded.apply_fn, variables, x, scales, flip,
+                                                                    loaded.task, ms_rule))
+    refine = crf.refiner(crf_params)
+    total = None
+    for batch in loader:
+        for x, mask, (h, w) in zip(batch["image"], batch["mask"], batch["valid_hw"]):
+            probs = probs_fn(loaded.variables, x[None])[0, :h, :w]
+            refined = refine(crf.image_uint8(x[:h, :w], loaded.mean, loaded.std), probs)
+            sums = {"confusion": metrics.confusion_matrix(refined.argmax(-1), mask[:h, :w], loaded.num_classes)}
+            total = metrics.accumulate(total, jax.device_get(sums))
+    if total is None:
+        raise SegjaxError("the evaluation split is empty")
+    return metrics.scores(total["confusion"])
+
+
 def evaluate(path: str, *, dataset: str | None = None, split: str | None = None, data_dir: str | None = None,
              multi_scale: bool = False, flip: bool = False, batch_size: int = 8,
              ms_rule: str = "mean-probs", tile=None, overlap: float = 0.25,
-             tile_batch: int = 4) -> tuple[dict, list[str], dict]:
-    """Returns (scores, class names, checkpoint meta). `tile` (H, W): sliding-window inference."""
+             tile_batch: int = 4, crf: dict | None = None) -> tuple[dict, list[str], dict]:
+    """Returns (scores, class names, checkpoint meta). `tile` (H, W): sliding-window inference. `crf`: refine
+    with the fully connected CRF, {} for the checkpoint's own values (else segjax.crf.DEFAULTS) or overrides
+    of them; the scores then hold "crf", the values used."""
     from segjax import data
 
     loaded, meta = inference.load_for_inference(path)
+    crf_params = _crf_params(crf, loaded, meta, tile)
     config = meta.get("config", {})
     dataset = dataset or meta.get("dataset")
     if not dataset:
@@ -86,10 +110,11 @@ def evaluate(path: str, *, dataset: str | None = None, split: str | None = None,
                           f"has {len(names)}; evaluate it on the data set it was trained on (--dataset)")
     scales = MS_SCALES[ms_rule] if multi_scale else tuple(config.get("eval_scales", (1.0,)))
     flip = flip or bool(config.get("eval_flip", False))
-    if tile is not None:
+    if tile is not None or crf_params is not None:
         loader = data.make_eval_loader(source, batch_size=1, base_size=config.get("base_size"),
                                        mean=loaded.mean, std=loaded.std)
-        scores = evaluate_tiled(loaded, loader, tile, overlap, tile_batch, scales, flip, ms_rule)
+        scores = (evaluate_crf(loaded, loader, crf_params, scales, flip, ms_rule) if crf_params is not None
+                  else evaluate_tiled(loaded, loader, tile, overlap, tile_batch, scales, flip, ms_rule))
     else:
         parallel = S.DataParallel(S.make_mesh(), loaded.apply_fn, num_classes=loaded.num_classes, task=loaded.task,
                                   scales=scales, flip=flip, ms_rule=ms_rule)
@@ -97,4 +122,15 @@ def evaluate(path: str, *, dataset: str | None = None, split: str | None = None,
         loader = data.make_eval_loader(source, batch_size=batch_size, base_size=config.get("base_size"),
                                        mean=loaded.mean, std=loaded.std)
         scores = evaluate_dataset(parallel, parallel.put_state(loaded.variables), loader, loaded.task)
+    if crf_params is not None:
+        scores["crf"] = crf_params
     return scores, data.names_or_numbers(dataset, loaded.num_classes, data_dir), meta
+
+
+def _crf_params(overrides: dict | None, loaded: inference.InferenceModel, meta: dict, tile) -> dict | None:
+    from segjax import crf
+
+    if overrides is None:
+        return None
+    crf.check_usable(loaded.task, meta["model"], tile)
+    return crf.resolve_params(meta.get("crf"), **overrides)

@@ -71,6 +71,8 @@ class Layout:
     bgr: bool = False
     # What the layout reads, for messages and segjax.json (e.g. "wkentaro/pytorch-fcn").
     reference: str = ""
+    # The fully connected CRF values the reference evaluated with (segjax.crf), for segjax.json's "crf".
+    crf: Mapping[str, float] | None = None
 
 
 _LAYOUTS: dict[str, list[Layout]] = {}
@@ -414,6 +416,8 @@ def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray], **kw) ->
             "mean": mean, "std": std, "in_channels": in_channels}
     if layout.reference:
         meta["layout"] = layout.reference
+    if layout.crf is not None:
+        meta["crf"] = dict(layout.crf)
     if options:
         meta["conversion"] = json_kwargs(options)
     return variables, meta
