@@ -45,10 +45,12 @@ def inputs(h, w, c, n, seed=0):
 
 def bench_pydensecrf(image, probs, values, repeats):
     try:
-        from experiments.crf_vs_pydensecrf import pydensecrf
         import pydensecrf.densecrf  # noqa: F401
     except ImportError:
         return None
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from crf_vs_pydensecrf import pydensecrf
     before = peak_rss_mb()
     pydensecrf(image, probs, **values)
     grown = peak_rss_mb() - before

@@ -1,6 +1,7 @@
 """segjax.crf: the lattice filter against the exact dense Gaussians, what the mean field does, jit / vmap,
 bad input, and `segjax eval | predict --crf` with a tiny model. (Agreement with pydensecrf itself, which
 needs a C++ build, is measured by experiments/crf_vs_pydensecrf.py and recorded in docs/crf.md.)"""
+import functools
 import json
 
 import jax
@@ -12,6 +13,11 @@ from PIL import Image
 from segjax import checkpoint, cli, crf
 from segjax.errors import SegjaxError
 from tests import tiny_model
+
+
+def jitted(fn, image, probs, **kw):
+    """fn(image, probs, **kw) compiled whole: one compile instead of eager op-by-op dispatch (test time)."""
+    return np.asarray(jax.jit(functools.partial(fn, **kw))(image, probs))
 
 
 def smooth_image(h, w, seed=0):
@@ -46,8 +52,8 @@ def test_lattice_filter_is_close_to_the_exact_gaussian(xy_std, rgb_std, bound):
 def test_lattice_crf_labels_agree_with_the_exact_crf():
     h, w, c = 32, 28, 5
     image, probs = smooth_image(h, w, 1), random_probs(h, w, c, 1)
-    lattice = np.asarray(crf.dense_crf(image, probs)).argmax(-1)
-    exact = np.asarray(crf.dense_crf_exact(image, probs)).argmax(-1)
+    lattice = jitted(crf.dense_crf, image, probs).argmax(-1)
+    exact = jitted(crf.dense_crf_exact, image, probs).argmax(-1)
     assert (lattice == exact).mean() >= 0.97
 
 
@@ -66,37 +72,37 @@ def two_regions(h=40, w=48, seed=0):
 def test_crf_recovers_a_two_region_image_from_noisy_unaries():
     image, probs, truth = two_regions()
     before = (probs.argmax(-1) == truth).mean()
-    after = (np.asarray(crf.dense_crf(image, probs, bi_xy_std=20.0, bi_rgb_std=10.0)).argmax(-1) == truth).mean()
+    after = (jitted(crf.dense_crf, image, probs, bi_xy_std=20.0, bi_rgb_std=10.0).argmax(-1) == truth).mean()
     assert before < 0.8 and after >= 0.98, (before, after)
 
 
 def test_class_order_does_not_matter():
     image, probs = smooth_image(24, 20, 2), random_probs(24, 20, 6, 2)
     order = np.array([3, 0, 5, 1, 4, 2])
-    plain = np.asarray(crf.dense_crf(image, probs, iterations=3))
-    permuted = np.asarray(crf.dense_crf(image, probs[..., order], iterations=3))
+    plain = jitted(crf.dense_crf, image, probs, iterations=3)
+    permuted = jitted(crf.dense_crf, image, probs[..., order], iterations=3)
     np.testing.assert_allclose(permuted, plain[..., order], atol=1e-6)
 
 
 def test_jit_and_vmap_give_the_plain_call():
-    images = np.stack([smooth_image(18, 22, s) for s in range(3)])
-    probs = np.stack([random_probs(18, 22, 4, s) for s in range(3)])
-    kw = dict(iterations=4, bi_xy_std=30.0, bi_rgb_std=8.0)
+    images = np.stack([smooth_image(18, 22, s) for s in range(2)])
+    probs = np.stack([random_probs(18, 22, 4, s) for s in range(2)])
+    kw = dict(iterations=3, bi_xy_std=30.0, bi_rgb_std=8.0)
     plain = np.stack([np.asarray(crf.dense_crf(i, p, **kw)) for i, p in zip(images, probs)])
     jitted = np.asarray(jax.jit(lambda i, p: crf.dense_crf(i, p, **kw))(images[0], probs[0]))
     batched = np.asarray(jax.jit(jax.vmap(lambda i, p: crf.dense_crf(i, p, **kw)))(images, probs))
     np.testing.assert_allclose(jitted, plain[0], atol=2e-5)
     np.testing.assert_allclose(batched, plain, atol=2e-5)
     # traced parameters (one compile for any values) give the same numbers up to XLA's division rounding
-    traced = jax.jit(lambda i, p, s: crf.dense_crf(i, p, iterations=4, bi_xy_std=s, bi_rgb_std=8.0))
+    traced = jax.jit(lambda i, p, s: crf.dense_crf(i, p, iterations=3, bi_xy_std=s, bi_rgb_std=8.0))
     assert (np.asarray(traced(images[0], probs[0], 30.0)).argmax(-1) == plain[0].argmax(-1)).mean() > 0.99
 
 
 def test_the_sum_over_classes_stays_one_and_a_zero_weight_kernel_is_off():
     image, probs = smooth_image(16, 16), random_probs(16, 16, 3)
-    out = np.asarray(crf.dense_crf(image, probs, iterations=2))
+    out = jitted(crf.dense_crf, image, probs, iterations=2)
     np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
-    unary_only = np.asarray(crf.dense_crf(image, probs, pos_w=0.0, bi_w=0.0))
+    unary_only = jitted(crf.dense_crf, image, probs, pos_w=0.0, bi_w=0.0)
     clipped = np.clip(probs, crf.UNARY_CLIP, 1.0)
     np.testing.assert_allclose(unary_only, clipped / clipped.sum(-1, keepdims=True), atol=1e-6)
 
@@ -126,6 +132,15 @@ def test_checkpoint_values_then_overrides():
         crf.resolve_params(None, bi_xy_std=0)
 
 
+def test_the_reproductions_layouts_carry_their_crf_values():
+    from segjax import convert
+    v2 = convert.layout_for("deeplabv2_resnet101", {"base.layer1.conv1.conv.weight": 0})
+    v1 = convert.layout_for("deeplabv1_largefov_vgg16", {"features.38.weight": 0, "features.32.weight": 0})
+    assert v2.crf == crf.DEFAULTS and v2.reference == "kazuto1011/deeplab-pytorch"
+    assert (v1.crf["bi_w"], v1.crf["bi_xy_std"], v1.crf["bi_rgb_std"], v1.crf["pos_xy_std"]) == (5, 140, 5, 3)
+    assert convert.layout_for("deeplabv3plus_resnet50").crf is None
+
+
 # ------------------------------------------------------------------------------------- CLI
 
 @pytest.fixture(scope="module")
@@ -144,12 +159,10 @@ def tiny_checkpoint(tmp_path_factory):
 
 def test_eval_with_crf_says_so_with_the_checkpoints_values_and_overrides(tiny_checkpoint, capsys):
     ckpt = str(tiny_checkpoint / "ckpt")
-    assert cli.main(["eval", "--checkpoint", ckpt, "--crf"]) == 0
+    # iterations from the checkpoint's segjax.json, bi_w from the flag, the rest the defaults
+    assert cli.main(["eval", "--checkpoint", ckpt, "--crf", "--crf-bi-w", "5", "--multi-scale", "--flip"]) == 0
     out = capsys.readouterr().out
-    assert "CRF on: iterations=2 pos_w=3 pos_xy_std=1 bi_w=4 bi_xy_std=67 bi_rgb_std=3" in out and "mIoU" in out
-    assert cli.main(["eval", "--checkpoint", ckpt, "--crf", "--crf-iterations", "1", "--crf-bi-w", "0",
-                     "--multi-scale", "--flip"]) == 0
-    assert "CRF on: iterations=1 pos_w=3 pos_xy_std=1 bi_w=0" in capsys.readouterr().out
+    assert "CRF on: iterations=2 pos_w=3 pos_xy_std=1 bi_w=5 bi_xy_std=67 bi_rgb_std=3" in out and "mIoU" in out
     assert cli.main(["eval", "--checkpoint", ckpt, "--crf-bi-w", "2"]) == 2
     assert "without --crf" in capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", ckpt, "--crf", "--crf-bi-xy-std", "0"]) == 2
@@ -169,7 +182,7 @@ def test_predict_with_crf_writes_the_refined_masks_and_probabilities(tiny_checkp
                      "--crf-iterations", "3"]) == 0
     before = np.load(plain / "photo_probs.npz")["probs"].astype(np.float32)
     after = np.load(refined / "photo_probs.npz")["probs"].astype(np.float32)
-    expected = np.asarray(crf.dense_crf(image, before, iterations=3))
+    expected = jitted(crf.dense_crf, image, before, iterations=3)
     np.testing.assert_allclose(after, expected, atol=2e-3)  # float16 files
     assert (np.asarray(Image.open(refined / "photo.png")) == expected.argmax(-1)).mean() > 0.99
     bad = tmp_path / "nothing"
