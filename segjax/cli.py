@@ -5,6 +5,7 @@ examples:
   segjax train --config deeplabv3_resnet50_voc --config.batch_size=8
   segjax eval --workdir runs/synthetic_unet            the metrics table of the best checkpoint
   segjax predict --checkpoint runs/synthetic_unet photo.jpg --out masks/
+  segjax eval --checkpoint converted/ --dataset voc2012 --crf     DeepLab's dense CRF on the probabilities
   segjax export --checkpoint runs/synthetic_unet exported/   StableHLO + model.json (--onnx too)
   segjax inspect deeplabv3_resnet50 --size 513 513     parameters, FLOPs, output stride
   segjax convert deeplabv3_resnet50 deeplabv3_resnet50_coco.pth converted/
@@ -120,6 +121,7 @@ def _add_eval(sub):
                    help="with --multi-scale: mean-probs (DeepLab v3) or max-logits at 1/0.75/0.5 (DeepLab v2)")
     p.add_argument("--batch-size", type=int, default=8)
     _add_tile_flags(p)
+    _add_crf_flags(p)
     _add_cache_flag(p)
     p.set_defaults(run=_run_eval)
 
@@ -137,6 +139,28 @@ def _add_tile_flags(p):
     g.add_argument("--tile-batch", type=int, default=4, help="tiles per model call (default 4)")
 
 
+_CRF_FLAGS = {"iterations": int, "pos_w": float, "pos_xy_std": float, "bi_w": float, "bi_xy_std": float,
+              "bi_rgb_std": float}
+
+
+def _add_crf_flags(p):
+    g = p.add_argument_group("fully connected CRF (DeepLab's post-processing; see docs/crf.md)")
+    g.add_argument("--crf", action="store_true", help="refine the probabilities with the dense CRF, using the "
+                   "checkpoint's own values (converted DeepLab checkpoints carry their reproduction's), else "
+                   "kazuto1011's VOC values: 10 iterations, pos_w 3, pos_xy_std 1, bi_w 4, bi_xy_std 67, bi_rgb_std 3")
+    for name, kind in _CRF_FLAGS.items():
+        g.add_argument("--crf-" + name.replace("_", "-"), type=kind, default=None, dest="crf_" + name,
+                       metavar="N" if kind is int else "X", help=f"with --crf: this {name} instead")
+
+
+def _crf(args) -> dict | None:
+    """None without --crf, else the overrides given ({} keeps the checkpoint's or the default values)."""
+    given = {name: getattr(args, "crf_" + name) for name in _CRF_FLAGS if getattr(args, "crf_" + name) is not None}
+    if given and not args.crf:
+        raise SegjaxError(f"--crf-{next(iter(given)).replace('_', '-')} without --crf: add --crf to refine with the CRF")
+    return given if args.crf else None
+
+
 def _run_eval(args):
     from segjax import evaluate
 
@@ -145,7 +169,11 @@ def _run_eval(args):
     scores, names, loaded = evaluate.evaluate(args.checkpoint or args.workdir, dataset=args.dataset,
                                               split=args.split, data_dir=args.data_dir, multi_scale=args.multi_scale,
                                               flip=args.flip, batch_size=args.batch_size, ms_rule=args.ms_rule,
-                                              tile=_tile(args), overlap=args.overlap, tile_batch=args.tile_batch)
+                                              tile=_tile(args), overlap=args.overlap, tile_batch=args.tile_batch,
+                                              crf=_crf(args))
+    if "crf" in scores:
+        from segjax import crf
+        print(f"CRF on: {crf.describe(scores['crf'])}")
     print(loaded.card.task.format_scores(scores, names))
 
 
@@ -161,6 +189,7 @@ def _add_predict(sub):
     p.add_argument("--save-probs", action="store_true", help="also write float16 class probabilities "
                    "(<stem>_probs.npz) and a per-pixel entropy PNG; saliency: a 16-bit PNG of the map")
     _add_tile_flags(p)
+    _add_crf_flags(p)
     _add_cache_flag(p)
     p.set_defaults(run=_run_predict)
 
@@ -173,7 +202,7 @@ def _run_predict(args):
     with writes_to(args.out, "--out"):
         written = predict.predict(args.checkpoint, args.images, args.out, multi_scale=args.multi_scale, flip=args.flip,
                                   tile=_tile(args), overlap=args.overlap, tile_batch=args.tile_batch,
-                                  save_probs=args.save_probs)
+                                  save_probs=args.save_probs, crf=_crf(args))
     print(f"wrote {len(written)} files to {args.out}")
 
 

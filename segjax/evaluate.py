@@ -54,15 +54,40 @@ def evaluate_tiled(loaded: inference.InferenceModel, loader, tile, overlap: floa
     return card.task.scores(total)
 
 
+def evaluate_crf(loaded: inference.InferenceModel, loader, crf_params: dict, scales=(1.0,), flip: bool = False,
+                 ms_rule: str = "mean-probs") -> dict:
+    """Scores of the CRF-refined probabilities (segjax.crf), image by image (loader batches of 1): the model's
+    probabilities at the image's size (its padding cropped off), then the CRF on them and the image."""
+    from segjax import crf
+
+    card = loaded.card
+    probs_fn = jax.jit(lambda variables, x: inference.predict_probs(loaded.apply_fn, variables, x, scales, flip,
+                                                                    card.task, ms_rule))
+    refine = crf.refiner(crf_params)
+    total = None
+    for batch in loader:
+        for x, mask, (h, w) in zip(batch["image"], batch["mask"], batch["valid_hw"]):
+            probs = probs_fn(loaded.variables, x[None])[0, :h, :w]
+            refined = refine(crf.image_uint8(x[:h, :w], card.mean, card.std), probs)
+            sums = card.task.eval_sums(refined[None], mask[None, :h, :w], card.num_classes)
+            total = metrics.accumulate(total, jax.device_get(sums))
+    if total is None:
+        raise SegjaxError("the evaluation split is empty")
+    return card.task.scores(total)
+
+
 def evaluate(path: str, *, dataset: str | None = None, split: str | None = None, data_dir: str | None = None,
              multi_scale: bool = False, flip: bool = False, batch_size: int = 8,
              ms_rule: str = "mean-probs", tile=None, overlap: float = 0.25,
-             tile_batch: int = 4) -> tuple[dict, list[str], inference.InferenceModel]:
-    """Returns (scores, class names, the loaded model). `tile` (H, W): sliding-window inference."""
+             tile_batch: int = 4, crf: dict | None = None) -> tuple[dict, list[str], inference.InferenceModel]:
+    """Returns (scores, class names, the loaded model). `tile` (H, W): sliding-window inference. `crf`: refine
+    with the fully connected CRF, {} for the checkpoint's own values (else segjax.crf.DEFAULTS) or overrides
+    of them; the scores then hold "crf", the values used."""
     from segjax import data
 
     loaded = inference.load_for_inference(path)
     card = loaded.card
+    crf_params = _crf_params(crf, card, tile)
     config = card.extra.get("config", {})
     dataset = dataset or card.dataset
     if not dataset:
@@ -83,10 +108,11 @@ def evaluate(path: str, *, dataset: str | None = None, split: str | None = None,
                           f"has {len(names)}; evaluate it on the data set it was trained on (--dataset)")
     scales = MS_SCALES[ms_rule] if multi_scale else tuple(config.get("eval_scales", (1.0,)))
     flip = flip or bool(config.get("eval_flip", False))
-    if tile is not None:
+    if tile is not None or crf_params is not None:
         loader = data.make_eval_loader(source, batch_size=1, base_size=config.get("base_size"),
                                        mean=card.mean, std=card.std)
-        scores = evaluate_tiled(loaded, loader, tile, overlap, tile_batch, scales, flip, ms_rule)
+        scores = (evaluate_crf(loaded, loader, crf_params, scales, flip, ms_rule) if crf_params is not None
+                  else evaluate_tiled(loaded, loader, tile, overlap, tile_batch, scales, flip, ms_rule))
     else:
         parallel = S.DataParallel(S.make_mesh(), loaded.apply_fn, num_classes=card.num_classes, task=card.task,
                                   scales=scales, flip=flip, ms_rule=ms_rule)
@@ -94,4 +120,15 @@ def evaluate(path: str, *, dataset: str | None = None, split: str | None = None,
         loader = data.make_eval_loader(source, batch_size=batch_size, base_size=config.get("base_size"),
                                        mean=card.mean, std=card.std)
         scores = evaluate_dataset(parallel, parallel.put_state(loaded.variables), loader, card.task)
+    if crf_params is not None:
+        scores["crf"] = crf_params
     return scores, data.names_or_numbers(dataset, card.num_classes, data_dir), loaded
+
+
+def _crf_params(overrides: dict | None, card, tile) -> dict | None:
+    from segjax import crf
+
+    if overrides is None:
+        return None
+    crf.check_usable(card.task, card.model, tile)
+    return crf.resolve_params(card.crf, **overrides)

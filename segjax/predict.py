@@ -89,13 +89,16 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> Image.
 
 
 def predict(path: str, images: list[str], out_dir: str, *, multi_scale: bool = False, flip: bool = False,
-            tile=None, overlap: float = 0.25, tile_batch: int = 4, save_probs: bool = False) -> list[str]:
+            tile=None, overlap: float = 0.25, tile_batch: int = 4, save_probs: bool = False,
+            crf: dict | None = None) -> list[str]:
     """Writes the outputs for each image; returns the written paths.
 
     tile (H, W): sliding-window inference (segjax.tiling): one compiled tile shape, blended overlaps,
     probabilities accumulated on the host band by band, so images far larger than memory allows for
     whole-image inference predict. save_probs: also `<stem>_probs.npz` (float16 (H, W, C) and the
     class names) and `<stem>_entropy.png`; saliency models write `<stem>_saliency16.png` (16-bit).
+    crf: refine the probabilities with the fully connected CRF (segjax.crf): {} for the checkpoint's own
+    values (else segjax.crf.DEFAULTS) or overrides of them; masks and saved probabilities are the refined ones.
     """
     from segjax import inference, tiling
 
@@ -106,6 +109,7 @@ def predict(path: str, images: list[str], out_dir: str, *, multi_scale: bool = F
     images = expand_inputs(images)
     loaded = inference.load_for_inference(path)
     card = loaded.card
+    refine = _crf_refiner(crf, card, tile)
     plans = output_paths(images, out_dir, card.task, save_probs)
     scales = inference.DEEPLAB_SCALES if multi_scale else (1.0,)
     if tile is not None:  # every image's tiling is checked before anything is written
@@ -127,6 +131,8 @@ def predict(path: str, images: list[str], out_dir: str, *, multi_scale: bool = F
         else:
             x = card.normalise(image)[None]
             probs = np.asarray(probs_fn(loaded.variables, x))[0]
+            if refine is not None:
+                probs = np.asarray(refine(image, probs))
         written += _write(plan, image, probs, card.task, names)
     return written
 
@@ -150,5 +156,14 @@ def _write(plan: dict, image: np.ndarray, probs: np.ndarray, task: str, names: l
             plan["probs"] = probmaps.save_probs(plan["probs"], probs, names)
             probmaps.entropy_png(plan["entropy"], probs)
     return list(plan.values())
+
+
+def _crf_refiner(overrides: dict | None, card, tile):
+    from segjax import crf
+
+    if overrides is None:
+        return None
+    crf.check_usable(card.task, card.model, tile)
+    return crf.refiner(crf.resolve_params(card.crf, **overrides))
 
 

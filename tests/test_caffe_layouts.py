@@ -169,6 +169,7 @@ def test_deeplabv1_port_converts_through_the_cli_and_predicts_its_labels(largefo
     assert cli.main(["convert", "deeplabv1_largefov_vgg16", str(path), str(out)]) == 0
     meta = json.loads((out / "segjax.json").read_text())
     assert meta["model_kwargs"] == {"num_classes": 21, "align_corners": True, "ceil_mode": False}
+    assert meta["crf"] == {"iterations": 10, "pos_w": 3, "pos_xy_std": 3, "bi_w": 5, "bi_xy_std": 140, "bi_rgb_std": 5}
     np.testing.assert_allclose(meta["mean"], np.array(V1_MEAN_BGR[::-1]) / 255)
     np.testing.assert_allclose(meta["std"], [1 / 255] * 3)
 
@@ -248,6 +249,7 @@ def test_deeplabv2_kazuto_layout_is_a_caffe_resnet_and_matches_its_forward():
     variables, meta = convert.convert_state_dict("deeplabv2_resnet101", sd)
     assert meta["model_kwargs"] == {"num_classes": 21, "resnet_style": "caffe"}
     assert meta["layout"] == "kazuto1011/deeplab-pytorch"
+    assert meta["crf"] == {"iterations": 10, "pos_w": 3, "pos_xy_std": 1, "bi_w": 4, "bi_xy_std": 67, "bi_rgb_std": 3}
     np.testing.assert_allclose(meta["mean"], np.array(V2_MEAN_BGR[::-1]) / 255)
     np.testing.assert_array_equal(variables["batch_stats"]["backbone"]["layer3"]["22"]["bn3"]["var"],
                                   sd["base.layer4.block23.increase.bn.running_var"])

@@ -75,6 +75,8 @@ class Layout:
     bgr: bool = False
     # What the layout reads, for messages and segjax.json (e.g. "wkentaro/pytorch-fcn").
     reference: str = ""
+    # The fully connected CRF values the reference evaluated with (segjax.crf), for segjax.json's "crf".
+    crf: Mapping[str, float] | None = None
 
 
 _LAYOUTS: dict[str, list[Layout]] = {}
@@ -400,7 +402,7 @@ def convert_state_dict(name: str, state_dict: Mapping[str, np.ndarray], **kw) ->
     names = task.class_names(num_classes) or [str(i) for i in range(num_classes)]  # weights know no data set
     card = ModelCard(model=name, num_classes=num_classes, model_kwargs=jsonable(kw), task=task,
                      class_names=tuple(names), in_channels=in_channels, mean=tuple(mean),
-                     std=tuple(std), extra=extra)
+                     std=tuple(std), crf=dict(layout.crf) if layout.crf is not None else None, extra=extra)
     return variables, card.to_meta()
 
 

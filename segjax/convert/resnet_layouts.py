@@ -8,7 +8,8 @@ kazuto1011/deeplab-pytorch's DeepLab v2 (its `deeplabv2_resnet101_msc-*.pth` fil
 models converted) is an MSRA ResNet under a multi-scale wrapper: `base.layer1.conv1.{conv,bn}` is the
 stem, `base.layer{2..5}.block{j}.{reduce,conv3x3,increase,shortcut}.{conv,bn}` our layer1..4 blocks
 j-1 (conv1/bn1, conv2/bn2, conv3/bn3, downsample.0/.1), `base.aspp.c{i}` our classifier.{i}. The
-layout converts it to resnet_style="caffe" with conv1's input channels reversed and the caffe mean.
+layout converts it to resnet_style="caffe" with conv1's input channels reversed and the caffe mean;
+segjax.json gets its CRF values (configs/voc12.yaml, the same in its cocostuff configs: segjax.crf.KAZUTO_VOC).
 
 VainF/DeepLabV3Plus-Pytorch's DeepLab v3+ keeps torchvision's backbone and ASPP names; its decoder is
 one 3x3 conv on [low-level, ASPP] (`classifier.classifier.{0,1}` conv/BN, `.3` the classifier), so
@@ -28,6 +29,7 @@ import numpy as np
 
 import re
 
+from segjax import crf
 from segjax.convert import Layout, caffe_normalisation, register_layout
 from segjax.errors import SegjaxError
 
@@ -100,7 +102,7 @@ register_layout("deeplabv2_resnet101",
                 Layout(rename=_kazuto_rename, infer_kwargs=_kazuto_kwargs, prepare=_strip_msc,
                        matches=lambda sd: "base.layer1.conv1.conv.weight" in sd or "layer1.conv1.conv.weight" in sd,
                        input_conv="layer1.conv1.conv.weight", bgr=True, reference="kazuto1011/deeplab-pytorch",
-                       **caffe_normalisation(KAZUTO_MEAN_BGR)))
+                       crf=crf.KAZUTO_VOC, **caffe_normalisation(KAZUTO_MEAN_BGR)))
 
 
 # --------------------------------------------------------------------------- VainF/DeepLabV3Plus-Pytorch

@@ -17,7 +17,8 @@ factors into score_pool4/score_pool3's weights.
 
 wangleihitcs/DeepLab-V1-PyTorch's VGG16_LargeFOV is one Sequential `features`: the conv body at
 torchvision's indices (0 ... 28), fc6/fc7/fc8 at 32/35/38 (31 is pool5a). It pools with floor,
-resizes with align_corners=True and takes caffe input with its own mean: the layout sets those.
+resizes with align_corners=True and takes caffe input with its own mean: the layout sets those, and
+segjax.json gets the CRF values of its main.py (segjax.crf.LARGEFOV_PORT), those of its 69.60 row.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Mapping
 
 import numpy as np
 
+from segjax import crf
 from segjax.convert import Layout, caffe_normalisation, register_layout
 from segjax.errors import SegjaxError
 from segjax.models.vgg import STAGES, torchvision_to_caffe
@@ -140,4 +142,4 @@ register_layout("deeplabv1_largefov_vgg16",
                 Layout(rename=_largefov_port_rename, infer_kwargs=_largefov_port_kwargs,
                        matches=lambda sd: "features.38.weight" in sd and "features.32.weight" in sd,
                        input_conv="features.0.weight", bgr=True, reference="wangleihitcs/DeepLab-V1-PyTorch",
-                       **caffe_normalisation(LARGEFOV_PORT_MEAN_BGR)))
+                       crf=crf.LARGEFOV_PORT, **caffe_normalisation(LARGEFOV_PORT_MEAN_BGR)))
