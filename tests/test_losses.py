@@ -165,6 +165,6 @@ def test_soft_iou_recipes_are_rahman_and_wangs_formula():
     soft = float(losses.make_loss("soft_iou", c)({"out": logits, "aux": aux}, labels))
     assert soft == pytest.approx(rahman_wang_soft_iou(logits, labels) + 0.5 * rahman_wang_soft_iou(aux, labels), abs=1e-5)
     mixed = float(losses.make_loss("ce+soft_iou", c)({"out": logits}, labels))
-    assert mixed == pytest.approx(torch_ce(logits, labels) + seeds_soft_iou(logits, labels), abs=1e-5)
+    assert mixed == pytest.approx(torch_ce(logits, labels) + rahman_wang_soft_iou(logits, labels), abs=1e-5)
     with pytest.raises(SegjaxError, match="config.loss='iou'"):
         losses.make_loss("iou", c)
