@@ -325,6 +325,7 @@ def _subprocess(argv, extra_env=None, timeout=300):
                           cwd=ROOT, timeout=timeout)
 
 
+@pytest.mark.e2e  # a `segjax` run (subprocess or resumed training)
 def test_batch_size_not_divisible_by_three_devices(env, tmp_path):
     proc = _subprocess(["train", "--workdir", tmp_path / "w", *TINY, f"--config.data_dir={env['data']}"],
                        {"XLA_FLAGS": "--xla_force_host_platform_device_count=3", "JAX_PLATFORMS": "cpu"})
@@ -340,6 +341,7 @@ def _mount_tmpfs(path, size) -> bool:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.e2e  # a `segjax` run (subprocess or resumed training)
 def test_workdir_on_a_full_or_read_only_disk_keeps_its_checkpoint(env, tmp_path):
     """A real tmpfs (when this process may mount): first filled up to 60 KiB, then remounted read-only.
     Resuming must fail with one line naming the workdir; the step-2 checkpoint stays byte-identical."""
@@ -373,6 +375,7 @@ def test_workdir_on_a_full_or_read_only_disk_keeps_its_checkpoint(env, tmp_path)
         subprocess.run(["umount", str(disk)])
 
 
+@pytest.mark.e2e  # a `segjax` run (subprocess or resumed training)
 def test_workdir_full_or_read_only_by_injection(env, tmp_path, monkeypatch):
     """The same two cases wherever mounting is not allowed, as the training process sees them: the checkpoint
     writer's free-space query reports 60 KiB on the workdir's disk; then every write under the workdir
@@ -463,6 +466,7 @@ def test_errors_not_about_the_disk_keep_their_traceback(tmp_path):
             raise OSError(30, "Read-only file system", str(tmp_path / "w" / "config.json"))
 
 
+@pytest.mark.e2e  # a `segjax` run (subprocess or resumed training)
 def test_malicious_pickle_through_the_cli_prints_no_traceback_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     weights = tmp_path / "evil.pth"

@@ -33,6 +33,7 @@ def check_timing(r, batch, repeats):
     assert math.isclose(r["images_per_s"], batch / r["step_s"])
 
 
+@pytest.mark.e2e  # the benchmark end to end, with its PyTorch side and loader
 def test_benchmark_smoke(tmp_path, capsys, monkeypatch):
     bench = load_benchmark()
     name = registered("unet")
@@ -278,6 +279,7 @@ def test_torch_twins_match_segjax(name, kw):
     assert len(out.get("sides", ())) == (6 if name.startswith("u2net") else 0)
 
 
+@pytest.mark.e2e  # two training runs
 def test_uint8_batches_normalised_on_device_match_the_host_path(tmp_path):
     """make_train_loader(uint8_images=True) + normalize_on_device gives the float32 batches (to rounding),
     and a tiny training with config.uint8_batches ends where the float32 one does."""

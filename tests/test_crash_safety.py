@@ -13,6 +13,8 @@ from segjax.errors import SegjaxError
 from segjax.train import train_and_evaluate
 from tests.train_harness import TINY, Run, assert_same_params, final_params, reference_run
 
+pytestmark = pytest.mark.e2e  # `segjax train` subprocesses (SIGKILL mid-write; the reference run)
+
 RECIPE = ("--config.num_steps=10", "--config.eval_every_steps=4", "--config.keep_checkpoints=2")
 
 

@@ -55,6 +55,7 @@ RUNNER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e  # a subprocess without segjax
 def test_stablehlo_runs_without_segjax_at_another_size_and_batch(unet, unet_export, tmp_path):
     m, v = unet
     out, manifest = unet_export
