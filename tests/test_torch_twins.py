@@ -118,3 +118,52 @@ def test_unet_twin_gives_segjax_logits_with_the_same_weights(kw):
     print("unet twin", kw, f"eval / train logits rel L2 {err:.2e} / {train_err:.2e}")
     assert err < 1e-4 and train_err < 1e-4
     assert rel_l2(ours, ref_train) > 1e-2  # train and eval differ: the comparison has teeth
+
+
+def twin_u2net_key_to_original(key: str) -> str:
+    """The U2-Net twin's keys in U-2-Net's own layout (stageN / stageNd of rebnconv{in,k,kd} with conv_s1 and
+    bn_s1, sideN, outconv), which `from_torch("u2net")` reads."""
+    encoder_heights, decoder_heights = (7, 6, 5, 4, 4, 4), (4, 4, 5, 6, 7)  # the decoder from stage5d down
+    found = re.match(r"^(encoder|decoder)\.(\d+)\.(conv_in|enc\.(\d+)|dec\.(\d+))\.(\d)\.(.+)$", key)
+    if found is None:
+        side = re.match(r"^sides\.(\d+)\.(.+)$", key)
+        if side:
+            return f"side{int(side[1]) + 1}.{side[2]}"
+        if key.startswith("outconv."):
+            return key
+        raise KeyError(key)
+    part, index, block, enc, dec, layer, leaf = found.groups()
+    index = int(index)
+    stage = f"stage{index + 1}" if part == "encoder" else f"stage{5 - index}d"
+    height = (encoder_heights if part == "encoder" else decoder_heights)[index]
+    conv = ("rebnconvin" if block == "conv_in" else f"rebnconv{int(enc) + 1}" if enc is not None
+            else f"rebnconv{height - 1 - int(dec)}d")
+    return f"{stage}.{conv}.{'conv_s1' if layer == '0' else 'bn_s1'}.{leaf}"
+
+
+@pytest.mark.parametrize("name", ["u2netp"])
+def test_u2net_twin_gives_segjax_outputs_with_the_same_weights(name):
+    """The benchmark's PyTorch U2-Net (u2net: the same RSUs, wider) computes segjax's fused output and side
+    outputs, eval mode, with its own weights converted through U-2-Net's key layout."""
+    torch.manual_seed(0)
+    twin = getattr(torch_reference, name)(num_classes=1)
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    twin.eval()
+    state_dict = {twin_u2net_key_to_original(k): v.detach().numpy().copy() for k, v in twin.state_dict().items()}
+    variables = convert.from_torch(name, state_dict)
+    model = models.create(name, 1)
+    x = np.random.default_rng(2).standard_normal((1, 37, 45, 3)).astype(np.float32)
+    ours = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)  # noqa: E731
+    errors = [rel_l2(ours["out"], nhwc(ref["out"]))] + [rel_l2(a, nhwc(b)) for a, b in zip(ours["sides"], ref["sides"],
+                                                                                          strict=True)]
+    print(name, "twin eval rel L2 (fused, sides)", [f"{e:.1e}" for e in errors])
+    assert len(errors) == 7 and max(errors) < 1e-4
