@@ -167,3 +167,46 @@ def test_u2net_twin_gives_segjax_outputs_with_the_same_weights(name):
                                                                                           strict=True)]
     print(name, "twin eval rel L2 (fused, sides)", [f"{e:.1e}" for e in errors])
     assert len(errors) == 7 and max(errors) < 1e-4
+
+
+def twin_deeplabv3plus_key_to_segjax(key: str) -> str:
+    """The DeepLab v3+ twin's keys in segjax's own layout (torchvision's backbone names; the head as segjax
+    names it), which `from_torch("deeplabv3plus_resnet50")` reads with its generic rule."""
+    rules = ((r"^stem\.0\.", "backbone.conv1."), (r"^stem\.1\.", "backbone.bn1."), (r"^(layer\d)\.", r"backbone.\1."),
+             (r"^aspp\.branches\.(\d)\.", r"classifier.aspp.convs.\1."),
+             (r"^aspp\.image_pool\.0\.", "classifier.aspp.convs.4.1."), (r"^aspp\.image_pool\.1\.", "classifier.aspp.convs.4.2."),
+             (r"^aspp\.project\.", "classifier.aspp.project."), (r"^low_project\.", "classifier.project."),
+             (r"^decoder\.(\d)\.", r"classifier.decoder_\1."), (r"^logits\.", "classifier.logits."),
+             (r"^aux\.0\.", "aux_classifier."), (r"^aux\.2\.", "aux_classifier.4."))
+    for pattern, replace in rules:
+        renamed = re.sub(pattern, replace, key)
+        if renamed != key:
+            return renamed
+    raise KeyError(key)
+
+
+@pytest.mark.slow  # a full ResNet-50
+def test_deeplabv3plus_twin_gives_segjax_logits_with_the_same_weights():
+    """The benchmark's PyTorch DeepLab v3+ (aux) computes segjax's logits and aux logits, eval mode, with its
+    own weights converted."""
+    torch.manual_seed(0)
+    twin = torch_reference.deeplabv3plus_resnet50(num_classes=3, aux=True)
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    twin.eval()
+    state_dict = {twin_deeplabv3plus_key_to_segjax(k): v.detach().numpy().copy() for k, v in twin.state_dict().items()}
+    variables = convert.from_torch("deeplabv3plus_resnet50", state_dict)
+    model = models.create("deeplabv3plus_resnet50", num_classes=3, aux=True)
+    x = np.random.default_rng(3).standard_normal((1, H, W, 3)).astype(np.float32)
+    ours = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    for key in ("out", "aux"):
+        err = rel_l2(ours[key], ref[key].numpy().transpose(0, 2, 3, 1))
+        print("deeplabv3plus_resnet50 twin", key, f"eval rel L2 {err:.2e}")
+        assert err < 1e-4
