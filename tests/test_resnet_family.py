@@ -324,9 +324,10 @@ def test_bfloat16_compute_close_to_float32(images):
         assert err < 0.1
 
 
-@pytest.mark.slow
-def test_axis_name_batch_statistics_across_replicas():
-    """Two replicas of one image each under vmap(axis_name) == one batch of two without it."""
+def test_axis_name_batch_statistics_across_replicas(monkeypatch):
+    """Two replicas of one image each under vmap(axis_name) == one batch of two without it (at reduced depth:
+    every BatchNorm of the network takes the axis, however many blocks there are)."""
+    monkeypatch.setitem(resnet_module.STAGE_SIZES, 50, REDUCED)
     size = (33, 47)
     kw = dict(num_classes=NUM_CLASSES, aux=True, dropout_rate=0.0)
     plain = models.create("deeplabv3plus_resnet50", **kw)
