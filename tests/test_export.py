@@ -197,6 +197,7 @@ def test_onnx_matches_jax_with_symbolic_batch_height_and_width(unet, tmp_path):
     assert y.shape == ref.shape and _rel(y, ref) <= 1e-4
 
 
+@pytest.mark.slow  # a UNet exported with symbolic H, W
 def test_a_four_band_checkpoint_exports_with_four_input_channels(tmp_path):
     m = models.create("unet", num_classes=3, **UNET_KW)
     v = init_variables(m, (32, 32), channels=4)
