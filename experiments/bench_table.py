@@ -130,7 +130,7 @@ def readme_table(results: list[dict], source: str = "docs/bench_results") -> str
     if partial:
         notes.append(f"Partial (stopped before finishing, e.g. by a timeout): {', '.join(partial)}.")
     if not any(r.get("platform") == "gpu" for r in results):
-        notes.append("GPU figures are unmeasured so far: no GPU was available when this table was produced.")
+        notes.append("GPU figures are unmeasured so far: every row ran on the device its card column names.")
     return "\n".join(lines + notes)
 
 

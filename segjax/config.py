@@ -251,7 +251,8 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every key a recipe may set, with the seeds' defaults (torchvision's segmentation reference)."""
+    """Every key a recipe may set, with defaults from torchvision's segmentation reference recipe
+    (references/segmentation/train.py)."""
     c = ml_collections.ConfigDict()
     c.name = ""
     c.task = "segmentation"            # or "saliency" (U2-Net: one sigmoid channel)
@@ -277,7 +278,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.workers = 0                      # grain worker processes (0 = in the main process)
     c.uint8_batches = False            # ship train images as uint8, normalise on the devices (less host CPU)
 
-    c.batch_size = 32                  # global (all devices, all hosts); the seeds use 4 per GPU x 8
+    c.batch_size = 32                  # global (all devices, all hosts); torchvision's recipe: 4 per GPU x 8
     c.eval_batch_size = 8
     c.num_epochs = 30
     c.num_steps = 0                    # > 0 overrides num_epochs

@@ -133,7 +133,7 @@ def make_loss(kind: str, num_classes: int, *, aux_weight: float = 0.5, dice_weig
 
     "ce": torchvision's criterion, CE(out) + aux_weight * CE(aux) when the model has an aux head;
     "ce+dice": that + dice_weight * dice(out) (the UNet recipe); "soft_iou": 1 - I/U of the
-    probabilities (the seeds' soft-IoU, I = sum X*Y, U = sum X + Y - X*Y), plus the aux head's at
+    probabilities (Rahman & Wang 2016's soft IoU, I = sum X*Y, U = sum X + Y - X*Y), plus the aux head's at
     aux_weight; "ce+soft_iou": "ce" + soft_iou(out); "u2net_bce": U-2-Net's fused + side BCE.
     """
     weights = None if class_weights is None or not len(class_weights) else jnp.asarray(class_weights, jnp.float32)

@@ -1,7 +1,68 @@
-"""Test-session settings shared by every test module."""
-import os
+"""Test-session settings shared by every test module.
 
-# `segjax train | eval | predict` use JAX's persistent compilation cache under ~/.cache by default; the tests,
-# in-process and in the subprocesses that inherit this environment, must not write there. The test of the
-# cache itself (tests/test_compilation_cache.py) points it at a temporary directory.
-os.environ["SEGJAX_COMPILATION_CACHE"] = "off"
+- One persistent JAX compilation cache for the whole session, in a temporary folder removed at the end:
+  the many small training runs (in-process, and the `segjax train` subprocesses, which inherit
+  $SEGJAX_COMPILATION_CACHE) compile the same steps at the same shapes, and load them from there after the
+  first. Nothing is written under ~/.cache. tests/test_compilation_cache.py points the cache at a folder of
+  its own, so its first run really compiles.
+- Markers (pyproject.toml): `slow` (a full-depth network), `e2e` (a `segjax` subprocess or a whole training
+  run), `onnx` (needs the `export` extra). `pytest -m "not slow and not e2e"` is the inner loop.
+- The ONNX tests run where jax2onnx and onnxruntime are installed (.ci/test-onnx makes such an
+  environment); elsewhere they are deselected, and the header says so: never skipped and counted.
+"""
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+
+import pytest
+
+_CACHE = tempfile.mkdtemp(prefix="segjax-test-jax-cache-")
+os.environ["SEGJAX_COMPILATION_CACHE"] = _CACHE
+
+
+def _onnx_runtime_missing() -> list[str]:
+    return [m for m in ("jax2onnx", "onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def pytest_configure(config):
+    import jax
+
+    # The pytest process itself: the same cache (segjax's CLI entry points turn it on themselves).
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+def pytest_report_header(config):
+    versions = ", ".join(f"{d} {_version(d)}" for d in ("jax", "flax", "orbax-checkpoint", "optax", "grain", "torch"))
+    missing = _onnx_runtime_missing()
+    onnx = ("ONNX tests: run (export extra installed)" if not missing else
+            f"ONNX tests: deselected ({', '.join(missing)} not installed; .ci/test-onnx runs them)")
+    return [f"segjax test versions: {versions}", onnx, f"JAX compilation cache for this session: {_CACHE}"]
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = _onnx_runtime_missing()
+    if not missing:
+        return
+    onnx = [item for item in items if item.get_closest_marker("onnx")]
+    if not onnx:
+        return
+    if "onnx" in (config.getoption("markexpr") or "") and "not onnx" not in config.getoption("markexpr"):
+        raise pytest.UsageError(f"-m onnx needs the export extra ({', '.join(missing)} not installed): "
+                                "pip install -e '.[export]', or run .ci/test-onnx")
+    config.hook.pytest_deselected(items=onnx)
+    items[:] = [item for item in items if not item.get_closest_marker("onnx")]

@@ -187,6 +187,7 @@ def smallest_registered():
     return None
 
 
+@pytest.mark.e2e  # `segjax inspect` through the CLI
 def test_inspect_runs_end_to_end():
     from segjax import cli
 

@@ -325,6 +325,7 @@ def _subprocess(argv, extra_env=None, timeout=300):
                           cwd=ROOT, timeout=timeout)
 
 
+@pytest.mark.e2e  # a `segjax` run (subprocess or resumed training)
 def test_batch_size_not_divisible_by_three_devices(env, tmp_path):
     proc = _subprocess(["train", "--workdir", tmp_path / "w", *TINY, f"--config.data_dir={env['data']}"],
                        {"XLA_FLAGS": "--xla_force_host_platform_device_count=3", "JAX_PLATFORMS": "cpu"})
@@ -340,12 +341,13 @@ def _mount_tmpfs(path, size) -> bool:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.e2e  # a `segjax` run (subprocess or resumed training)
 def test_workdir_on_a_full_or_read_only_disk_keeps_its_checkpoint(env, tmp_path):
     """A real tmpfs (when this process may mount): first filled up to 60 KiB, then remounted read-only.
     Resuming must fail with one line naming the workdir; the step-2 checkpoint stays byte-identical."""
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "1m"):
-        pytest.skip("mounting a tmpfs is not permitted here; test_injected_enospc covers the full-disk message")
+        pytest.skip("mounting a tmpfs is not permitted; test_workdir_full_or_read_only_by_injection covers both cases")
     try:
         workdir = disk / "w"
         shutil.copytree(env["workdir"], workdir)
@@ -371,6 +373,60 @@ def test_workdir_on_a_full_or_read_only_disk_keeps_its_checkpoint(env, tmp_path)
         assert meta["num_classes"] == 5 and "params" in variables
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.e2e  # a `segjax` run (subprocess or resumed training)
+def test_workdir_full_or_read_only_by_injection(env, tmp_path, monkeypatch):
+    """The same two cases wherever mounting is not allowed, as the training process sees them: the checkpoint
+    writer's free-space query reports 60 KiB on the workdir's disk; then every write under the workdir
+    fails with EROFS, as on a read-only mount. Resuming fails with one line naming the workdir, and the
+    step-2 checkpoint stays byte-identical and loadable."""
+    import builtins
+    import errno
+
+    workdir = tmp_path / "w"
+    shutil.copytree(env["workdir"], workdir)
+    before = tree_digest(workdir / "checkpoints")
+    argv = ["train", "--workdir", workdir, *TINY, f"--config.data_dir={env['data']}", "--config.num_steps=4"]
+
+    def under_workdir(path) -> bool:
+        return os.path.abspath(os.fspath(path)).startswith(str(workdir))
+
+    with monkeypatch.context() as patch:
+        real_usage = shutil.disk_usage
+        patch.setattr(shutil, "disk_usage",
+                      lambda path: real_usage(path)._replace(free=60 * 1024) if under_workdir(path) else real_usage(path))
+        rc, _, err = run_cli(argv)
+    line = one_error_line(rc, err)
+    assert line.startswith(f"error: {workdir}: no space for the checkpoint of step 4"), line
+    assert "free some space or pick another --workdir" in line
+    assert tree_digest(workdir / "checkpoints") == before
+
+    def refused(path):
+        return OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+
+    real_open, real_mkdir = builtins.open, os.mkdir
+
+    def read_only_open(file, mode="r", *a, **k):
+        if isinstance(file, (str, os.PathLike)) and set(mode) & set("wax+") and under_workdir(file):
+            raise refused(file)
+        return real_open(file, mode, *a, **k)
+
+    def read_only_mkdir(path, *a, **k):
+        if under_workdir(path):
+            raise refused(path)
+        return real_mkdir(path, *a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "open", read_only_open)
+        patch.setattr(os, "mkdir", read_only_mkdir)
+        rc, _, err = run_cli(argv)
+    line = one_error_line(rc, err)
+    assert line == (f"error: {workdir}: cannot write there (read-only file system); make it writable or "
+                    "pick another --workdir"), line
+    assert tree_digest(workdir / "checkpoints") == before
+    variables, meta = checkpoint.load_variables(str(workdir / "checkpoints" / "2"))
+    assert meta["num_classes"] == 5 and "params" in variables
 
 
 def test_injected_enospc_mid_write_becomes_one_line(tmp_path):
@@ -410,6 +466,7 @@ def test_errors_not_about_the_disk_keep_their_traceback(tmp_path):
             raise OSError(30, "Read-only file system", str(tmp_path / "w" / "config.json"))
 
 
+@pytest.mark.e2e  # a `segjax` run (subprocess or resumed training)
 def test_malicious_pickle_through_the_cli_prints_no_traceback_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     weights = tmp_path / "evil.pth"

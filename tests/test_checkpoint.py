@@ -77,6 +77,7 @@ def tiny_config(data_dir, **kw):
     return c
 
 
+@pytest.mark.e2e  # three training runs
 def test_resume_gives_the_same_params_as_training_straight(tmp_path):
     data_dir = tmp_path / "data"
     straight = train_and_evaluate(tiny_config(data_dir), str(tmp_path / "straight"))

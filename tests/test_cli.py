@@ -12,6 +12,8 @@ from PIL import Image
 from segjax import cli
 from tests import tiny_model
 
+pytestmark = pytest.mark.e2e  # a trained workdir through `segjax train`, then eval / predict / export
+
 TINY = ["--config.model=" + tiny_model.NAME, "--config.model_kwargs={\"features\": 4}",
         "--config.data_options={\"image_size\": 24, \"num_train\": 16, \"num_val\": 8}",
         "--config.base_size=24", "--config.crop_size=16", "--config.batch_size=4", "--config.eval_batch_size=8",

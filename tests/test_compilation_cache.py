@@ -17,6 +17,7 @@ def compile_records(workdir):
             for kind in ("train", "eval") if f"{kind}_compile_s" in r}
 
 
+@pytest.mark.e2e  # two `segjax train` subprocesses
 def test_compile_seconds_are_logged_and_a_second_run_loads_the_steps_from_the_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("SEGJAX_COMPILATION_CACHE", str(cache))

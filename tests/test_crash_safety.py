@@ -1,6 +1,9 @@
 """Crash safety: SIGKILL at named points inside a checkpoint write leaves the last complete checkpoint, which
 the next start resumes from (ending with the uninterrupted run's params); a workdir whose latest checkpoint is
-corrupt falls back to the previous one with a warning, and one with no usable checkpoint is an error."""
+corrupt falls back to the previous one with a warning, and one with no usable checkpoint is an error.
+
+The SIGKILL chain runs `segjax train` subprocesses; the corruption cases run on TrainCheckpoints.restore_latest
+(what the training loop calls at start), with one of them, and the no-checkpoint error, through the loop too."""
 import glob
 import os
 import shutil
@@ -8,10 +11,13 @@ import signal
 
 import pytest
 
+from segjax import checkpoint
 from segjax import config as config_lib
 from segjax.errors import SegjaxError
 from segjax.train import train_and_evaluate
 from tests.train_harness import TINY, Run, assert_same_params, final_params, reference_run
+
+pytestmark = pytest.mark.e2e  # `segjax train` subprocesses (SIGKILL mid-write; the reference run)
 
 RECIPE = ("--config.num_steps=10", "--config.eval_every_steps=4", "--config.keep_checkpoints=2")
 
@@ -66,6 +72,25 @@ def finished(tmp_path_factory):
     return reference_run(tmp_path_factory, *RECIPE)
 
 
+class RecordingIterator:
+    """Stands in for the data iterator: records the state a restore hands it."""
+    state = None
+
+    def get_state(self):
+        return {}
+
+    def set_state(self, state):
+        self.state = state
+
+
+def restore_latest(workdir):
+    """What the training loop does at start, on TrainCheckpoints itself: (step, restored state, iterator state)."""
+    iterator = RecordingIterator()
+    with checkpoint.TrainCheckpoints(str(workdir), keep=2) as ckpts:
+        step, tree = ckpts.restore_latest(None, iterator)
+    return step, tree, iterator.state
+
+
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished, tmp_path, capsys, corruption):
     data_dir, straight = finished
@@ -73,16 +98,27 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(finished, tm
     shutil.copytree(straight, workdir)
     assert "10" in listing(workdir) and "8" in listing(workdir)
     CORRUPTIONS[corruption](str(workdir / "checkpoints" / "10"))
-    result = train_and_evaluate(in_process_config(data_dir, "--config.stop_at_step=8"), str(workdir))
-    assert result == {"step": 8, "stopped": True}  # resumed from 8, not from scratch
+    step, tree, iterator_state = restore_latest(workdir)
+    assert step == 8 and int(tree["step"]) == 8 and iterator_state is not None  # resumes from 8, not from scratch
+    assert_same_params(final_params(workdir, 8), final_params(straight, 8))
     err = capsys.readouterr().err
     assert f"checkpoint {workdir / 'checkpoints' / '10'} cannot be restored" in err, err
     assert f"moved {workdir / 'corrupt_checkpoints' / '10'} aside; resuming from step 8" in err, err
     assert "10" not in listing(workdir) and os.path.isdir(workdir / "corrupt_checkpoints" / "10")
-    if corruption == "truncated array file":  # training on re-creates step 10, equal to the straight run's
-        result = train_and_evaluate(in_process_config(data_dir), str(workdir))
-        assert result["step"] == 10
-        assert_same_params(final_params(workdir, 10), final_params(straight, 10))
+
+
+def test_training_on_after_a_corrupt_checkpoint_recreates_it(finished, tmp_path, capsys):
+    """End to end through the training loop (in process): step 10's array file truncated, the run resumes
+    from 8 and re-creates step 10, equal to the straight run's."""
+    data_dir, straight = finished
+    workdir = tmp_path / "run"
+    shutil.copytree(straight, workdir)
+    CORRUPTIONS["truncated array file"](str(workdir / "checkpoints" / "10"))
+    result = train_and_evaluate(in_process_config(data_dir), str(workdir))
+    assert result["step"] == 10
+    err = capsys.readouterr().err
+    assert f"moved {workdir / 'corrupt_checkpoints' / '10'} aside; resuming from step 8" in err, err
+    assert_same_params(final_params(workdir, 10), final_params(straight, 10))
 
 
 def test_a_leftover_orbax_tmp_dir_is_ignored_and_removed(finished, tmp_path, capsys):
@@ -90,8 +126,8 @@ def test_a_leftover_orbax_tmp_dir_is_ignored_and_removed(finished, tmp_path, cap
     workdir = tmp_path / "run"
     shutil.copytree(straight, workdir)
     os.rename(workdir / "checkpoints" / "10", workdir / "checkpoints" / "10.orbax-checkpoint-tmp")
-    result = train_and_evaluate(in_process_config(data_dir, "--config.stop_at_step=8"), str(workdir))
-    assert result == {"step": 8, "stopped": True}
+    step, tree, _ = restore_latest(workdir)
+    assert step == 8 and int(tree["step"]) == 8
     assert "checkpoint write that never finished" in capsys.readouterr().err
     assert not any("tmp" in name for name in listing(workdir)), listing(workdir)
 
@@ -106,5 +142,8 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(finished, tmp_path):
     for _ in range(2):  # and again: nothing was moved or overwritten by the first attempt
         with pytest.raises(SegjaxError, match=f"{workdir / 'checkpoints'}: none of its checkpoints .* can be "
                                               "restored; move that directory aside"):
-            train_and_evaluate(in_process_config(data_dir), str(workdir))
+            restore_latest(workdir)
         assert [n for n in listing(workdir) if n.isdigit()] == steps
+    # the training loop turns that into its error, not a fresh start
+    with pytest.raises(SegjaxError, match="none of its checkpoints"):
+        train_and_evaluate(in_process_config(data_dir), str(workdir))

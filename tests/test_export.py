@@ -12,7 +12,6 @@ import textwrap
 import flax.linen
 import jax
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from segjax import export as E
@@ -57,6 +56,7 @@ RUNNER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e  # a subprocess without segjax
 def test_stablehlo_runs_without_segjax_at_another_size_and_batch(unet, unet_export, tmp_path):
     m, v = unet
     out, manifest = unet_export
@@ -152,7 +152,10 @@ def test_a_resizing_model_exports_free_height_and_width(tmp_path):
     assert y.shape == ref.shape == (2, 37, 50, 3) and _rel(y, ref) <= 1e-5
 
 
+@pytest.mark.onnx
 def test_onnx_at_a_fixed_size_beside_a_symbolic_stablehlo(tmp_path):
+    import onnxruntime as ort
+
     m = StridedWithGlobalPool()
     v = init_variables(m, (64, 64))
     manifest = E.export(ModelCard.from_meta({"model": "strided", "num_classes": 3}), v, str(tmp_path / "x"), model=m, onnx=True,
@@ -161,6 +164,12 @@ def test_onnx_at_a_fixed_size_beside_a_symbolic_stablehlo(tmp_path):
     assert manifest["onnx"]["symbolic_dims"] == ["batch"] and manifest["checks"]["onnx_rel_max_abs_diff"] <= 1e-4
     sess = ort.InferenceSession(str(tmp_path / "x" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].shape[1:] == [40, 56, 3]
+    # The test's own comparison, not the exporter's reported figure: onnxruntime at the fixed size, a batch
+    # of 3 (the symbolic batch), against the model's apply.
+    x = np.random.RandomState(4).standard_normal((3, 40, 56, 3)).astype(np.float32)
+    y = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    ref = np.asarray(m.apply(v, x, train=False)["out"])
+    assert y.shape == ref.shape == (3, 40, 56, 3) and _rel(y, ref) <= 1e-4
 
 
 def test_onnx_missing_says_how_to_install(unet, tmp_path, monkeypatch):
@@ -171,7 +180,10 @@ def test_onnx_missing_says_how_to_install(unet, tmp_path, monkeypatch):
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "x")
 
 
+@pytest.mark.onnx
 def test_onnx_matches_jax_with_symbolic_batch_height_and_width(unet, tmp_path):
+    import onnxruntime as ort
+
     m, v = unet
     out = tmp_path / "export"
     manifest = E.export(ModelCard.from_meta({"model": "unet", "num_classes": 5}), v, str(out), model=m, onnx=True, example_size=(64, 64))
@@ -186,6 +198,7 @@ def test_onnx_matches_jax_with_symbolic_batch_height_and_width(unet, tmp_path):
     assert y.shape == ref.shape and _rel(y, ref) <= 1e-4
 
 
+@pytest.mark.slow  # a UNet exported with symbolic H, W
 def test_a_four_band_checkpoint_exports_with_four_input_channels(tmp_path):
     m = models.create("unet", num_classes=3, **UNET_KW)
     v = init_variables(m, (32, 32), channels=4)

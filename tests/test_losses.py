@@ -148,8 +148,8 @@ def test_binary_losses_leave_void_pixels_out():
     assert abs(float(losses.soft_iou_loss(maps[0], target)) - ref_iou) < 1e-6
 
 
-def seeds_soft_iou(logits, labels, void=255):
-    """The seeds' formula in numpy: L = 1 - I / U, I = sum X*Y, U = sum (X + Y - X*Y), void left out."""
+def rahman_wang_soft_iou(logits, labels, void=255):
+    """Rahman & Wang 2016 (Optimizing Intersection-over-Union in Deep Neural Networks) in numpy: L = 1 - I / U, I = sum X*Y, U = sum (X + Y - X*Y), void left out."""
     x = softmax(np.asarray(logits, np.float64))
     valid = labels != void
     y = np.eye(logits.shape[-1])[np.where(valid, labels, 0)]
@@ -157,14 +157,14 @@ def seeds_soft_iou(logits, labels, void=255):
     return 1 - (x * y).sum() / (x + y - x * y).sum()
 
 
-def test_soft_iou_recipes_are_the_seeds_formula():
+def test_soft_iou_recipes_are_rahman_and_wangs_formula():
     logits, labels = sample(3)
     aux, _ = sample(4)
     labels[0, :2] = 255
     c = logits.shape[-1]
     soft = float(losses.make_loss("soft_iou", c)({"out": logits, "aux": aux}, labels))
-    assert soft == pytest.approx(seeds_soft_iou(logits, labels) + 0.5 * seeds_soft_iou(aux, labels), abs=1e-5)
+    assert soft == pytest.approx(rahman_wang_soft_iou(logits, labels) + 0.5 * rahman_wang_soft_iou(aux, labels), abs=1e-5)
     mixed = float(losses.make_loss("ce+soft_iou", c)({"out": logits}, labels))
-    assert mixed == pytest.approx(torch_ce(logits, labels) + seeds_soft_iou(logits, labels), abs=1e-5)
+    assert mixed == pytest.approx(torch_ce(logits, labels) + rahman_wang_soft_iou(logits, labels), abs=1e-5)
     with pytest.raises(SegjaxError, match="config.loss='iou'"):
         losses.make_loss("iou", c)

@@ -198,6 +198,7 @@ def _records(workdir, split):
     return [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if r["split"] == split]
 
 
+@pytest.mark.e2e  # three `segjax train` processes
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     import jax
     from segjax import config as config_lib, train
@@ -236,6 +237,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     np.testing.assert_allclose([r["miou"] for r in eval2], [r["miou"] for r in eval1], atol=1e-6)
 
 
+@pytest.mark.e2e  # two `segjax train` processes
 def test_a_signal_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
     recipe = tmp_path / "tiny_multihost.py"
     recipe.write_text(RECIPE.format(repo=REPO))

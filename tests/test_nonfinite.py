@@ -6,9 +6,12 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from segjax import checkpoint
 from tests.train_harness import Run, reference_run
+
+pytestmark = pytest.mark.e2e  # `segjax train` subprocesses with poisoned steps
 
 RECIPE = ("--config.num_steps=10", "--config.eval_every_steps=4", "--config.keep_checkpoints=2")
 

@@ -6,7 +6,11 @@ import os
 import re
 import signal
 
+import pytest
+
 from tests.train_harness import Run, assert_same_params, final_params, reference_run
+
+pytestmark = pytest.mark.e2e  # `segjax train` subprocesses receiving SIGTERM / SIGINT
 
 RECIPE = ("--config.num_steps=10", "--config.eval_every_steps=4", "--config.keep_checkpoints=2")
 

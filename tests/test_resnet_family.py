@@ -1,7 +1,8 @@
 """ResNet, FCN and DeepLab v2/v3/v3+ against torchvision (random weights, converted with from_torch).
 
 Parity: eval logits (and aux) and train-mode logits + updated BN running statistics, at an odd size,
-fp32, within 1e-4 relative L2. Where torchvision lacks the model (DeepLab v2, v3+), output shapes,
+fp32, within 1e-4 relative L2: every family at reduced depth (torchvision's ResNet class with fewer blocks
+per stage), DeepLab v3-ResNet-50 at full depth; every full-depth size against torchvision's. Where torchvision lacks the model (DeepLab v2, v3+), output shapes,
 output strides and parameter counts worked out here from the papers' layer tables.
 """
 import functools
@@ -18,6 +19,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
 from segjax import checkpoint, cli, convert, models
+from segjax.models import resnet as resnet_module
 from segjax.errors import SegjaxError
 from tests.parity import rel_l2
 
@@ -69,43 +71,66 @@ def images():
     return np.random.default_rng(0).standard_normal((2, H, W, 3)).astype(np.float32)
 
 
+# Reduced depth: torchvision's own ResNet class with fewer blocks per stage against ours with the same
+# stage sizes (segjax.models.resnet.STAGE_SIZES patched for the build). Same module code as the full-depth
+# networks; two blocks in each dilated stage, so both the first block's (previous) dilation and the
+# others' (new) dilation are compared. Full depth: one parity run (deeplabv3_resnet50, slow) and every
+# full-depth parameter count against torchvision's (jax.eval_shape, no FLOPs).
+REDUCED = (1, 1, 2, 2)
+
+
+def tv_resnet(block, dilate=(False, False, False)):
+    return torchvision.models.resnet.ResNet(block, list(REDUCED), replace_stride_with_dilation=list(dilate))
+
+
+def tv_segmentation(kind, dilate, rates=(12, 24, 36)):
+    backbone = IntermediateLayerGetter(tv_resnet(torchvision.models.resnet.Bottleneck, dilate),
+                                       {"layer4": "out", "layer3": "aux"})
+    head = FCNHead(2048, TORCHVISION_CLASSES) if kind == "fcn" else DeepLabHead(2048, TORCHVISION_CLASSES, rates)
+    wrapper = torchvision.models.segmentation.FCN if kind == "fcn" else torchvision.models.segmentation.DeepLabV3
+    return wrapper(backbone, head, FCNHead(1024, TORCHVISION_CLASSES))
+
+
+# name -> (torchvision model, our model name, our extra kwargs, stage sizes of ours or None for full depth)
 TORCHVISION = {
-    "fcn_resnet50": lambda: torchvision.models.segmentation.fcn_resnet50(
+    "deeplabv3_resnet50": (lambda: torchvision.models.segmentation.deeplabv3_resnet50(
         weights=None, weights_backbone=None, num_classes=TORCHVISION_CLASSES, aux_loss=True),
-    "fcn_resnet101": lambda: torchvision.models.segmentation.fcn_resnet101(
-        weights=None, weights_backbone=None, num_classes=TORCHVISION_CLASSES, aux_loss=True),
-    "deeplabv3_resnet50": lambda: torchvision.models.segmentation.deeplabv3_resnet50(
-        weights=None, weights_backbone=None, num_classes=TORCHVISION_CLASSES, aux_loss=True),
-    "deeplabv3_resnet101": lambda: torchvision.models.segmentation.deeplabv3_resnet101(
-        weights=None, weights_backbone=None, num_classes=TORCHVISION_CLASSES, aux_loss=True),
-    "resnet50": lambda: torchvision.models.resnet50(weights=None),
-    "resnet18": lambda: torchvision.models.resnet18(weights=None),  # the BasicBlock path
+        "deeplabv3_resnet50", {}, None),
+    "fcn_resnet@1122": (lambda: tv_segmentation("fcn", (False, True, True)), "fcn_resnet50", {}, REDUCED),
+    "deeplabv3_resnet@1122": (lambda: tv_segmentation("deeplabv3", (False, True, True)),
+                              "deeplabv3_resnet50", {}, REDUCED),
     # Output stride 16: only layer4 dilated (its first block keeps dilation 1), ASPP rates 6/12/18.
-    "deeplabv3_resnet50@os16": lambda: torchvision.models.segmentation.DeepLabV3(
-        IntermediateLayerGetter(torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, False, True]),
-                                {"layer4": "out", "layer3": "aux"}),
-        DeepLabHead(2048, TORCHVISION_CLASSES, atrous_rates=(6, 12, 18)), FCNHead(1024, TORCHVISION_CLASSES)),
+    "deeplabv3_resnet@1122_os16": (lambda: tv_segmentation("deeplabv3", (False, False, True), (6, 12, 18)),
+                                   "deeplabv3_resnet50", {"output_stride": 16}, REDUCED),
+    "resnet_bottleneck@1122": (lambda: tv_resnet(torchvision.models.resnet.Bottleneck), "resnet50", {}, REDUCED),
+    "resnet_basicblock@1122": (lambda: tv_resnet(torchvision.models.resnet.BasicBlock), "resnet18", {}, REDUCED),
 }
-# Our model name and extra kwargs per entry.
-OURS = {"deeplabv3_resnet50@os16": ("deeplabv3_resnet50", {"output_stride": 16})}
-# torchvision's published sizes (with aux where the model has one; resnet50 with its 1000-way fc).
+# torchvision's published sizes (with aux where the model has one; classifiers with their 1000-way fc),
+# of the full-depth networks; ours are counted by jax.eval_shape.
 TORCHVISION_PARAMS = {"fcn_resnet50": 35_322_218, "fcn_resnet101": 54_314_346, "deeplabv3_resnet50": 42_004_074,
-                      "deeplabv3_resnet101": 60_996_202, "resnet50": 25_557_032, "resnet18": 11_689_512,
-                      "deeplabv3_resnet50@os16": 42_004_074}
+                      "deeplabv3_resnet101": 60_996_202, "resnet50": 25_557_032, "resnet18": 11_689_512}
 
 
 @functools.lru_cache(maxsize=None)
-def parity_run(name: str, images_bytes: bytes):
+def parity_run(key: str, images_bytes: bytes):
     """Builds the torchvision model once, converts it, runs eval + train on both sides.
 
     Returns the measured errors and (for reuse by other tests) our variables, eval logits and the
     torch state_dict. Cached so each network is built and compiled once per session.
     """
+    make_reference, name, extra, stage_sizes = TORCHVISION[key]
+    with pytest.MonkeyPatch.context() as patch:
+        if stage_sizes is not None:
+            depth = int(name.rsplit("resnet", 1)[1])
+            patch.setitem(resnet_module.STAGE_SIZES, depth, stage_sizes)
+        return _parity_run(make_reference, name, extra, images_bytes)
+
+
+def _parity_run(make_reference, name, extra, images_bytes):
     images = np.frombuffer(images_bytes, np.float32).reshape(2, H, W, 3)
     torch.manual_seed(0)
-    ref_model = randomise_batchnorm_and_disable_dropout(TORCHVISION[name]())
+    ref_model = randomise_batchnorm_and_disable_dropout(make_reference())
     state_dict = state_dict_numpy(ref_model)
-    name, extra = OURS.get(name, (name, {}))
     segmentation = not name.startswith("resnet")
     kw = {"dropout_rate": 0.0, **extra} if segmentation else {}
     variables = convert.from_torch(name, state_dict, **kw)
@@ -142,21 +167,39 @@ def parity_run(name: str, images_bytes: bytes):
     start = dict(jax.tree_util.tree_leaves_with_path(variables["batch_stats"]))
     assert min(rel_l2(v, start[p]) for p, v in ours_stats) > 1e-3
     return {"errors": errors, "variables": variables, "eval": ours_eval, "model_kw": kw,
-            "state_dict": state_dict, "params": n_params(variables)}
+            "state_dict": state_dict, "params": n_params(variables),
+            "reference_params": sum(int(np.prod(v.shape)) for k, v in state_dict.items()
+                                    if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))}
+
+
+def _check_parity(key, images):
+    run = parity_run(key, images.tobytes())
+    print(key, {k: f"{v:.2e}" for k, v in run["errors"].items()}, f"params={run['params']:,}")
+    expected_keys = {"eval/out", "train/out", "train/batch_stats(max)"}
+    if not key.startswith("resnet"):
+        expected_keys |= {"eval/aux", "train/aux"}
+    assert set(run["errors"]) == expected_keys
+    for name, err in run["errors"].items():
+        assert err < TOL, f"{key} {name}: relative L2 {err:.2e}"
+    assert run["params"] == run["reference_params"]
+    return run
+
+
+@pytest.mark.parametrize("key", [k for k in TORCHVISION if "@" in k])
+def test_reduced_depth_matches_torchvision(key, images):
+    _check_parity(key, images)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(TORCHVISION))
-def test_matches_torchvision(name, images):
-    run = parity_run(name, images.tobytes())
-    print(name, {k: f"{v:.2e}" for k, v in run["errors"].items()}, f"params={run['params']:,}")
-    expected_keys = {"eval/out", "train/out", "train/batch_stats(max)"}
-    if not name.startswith("resnet"):
-        expected_keys |= {"eval/aux", "train/aux"}
-    assert set(run["errors"]) == expected_keys
-    for key, err in run["errors"].items():
-        assert err < TOL, f"{name} {key}: relative L2 {err:.2e}"
-    assert run["params"] == TORCHVISION_PARAMS[name]
+def test_full_depth_deeplabv3_resnet50_matches_torchvision(images):
+    run = _check_parity("deeplabv3_resnet50", images)
+    assert run["params"] == TORCHVISION_PARAMS["deeplabv3_resnet50"]
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
+def test_full_depth_parameter_counts_match_torchvision(name):
+    kw = {"num_classes": 1000} if name.startswith("resnet") else {"num_classes": TORCHVISION_CLASSES, "aux": True}
+    assert model_params(name, **kw) == TORCHVISION_PARAMS[name]
 
 
 # ------------------------------------------------------------- parameter counts from the papers' tables
@@ -281,9 +324,10 @@ def test_bfloat16_compute_close_to_float32(images):
         assert err < 0.1
 
 
-@pytest.mark.slow
-def test_axis_name_batch_statistics_across_replicas():
-    """Two replicas of one image each under vmap(axis_name) == one batch of two without it."""
+def test_axis_name_batch_statistics_across_replicas(monkeypatch):
+    """Two replicas of one image each under vmap(axis_name) == one batch of two without it (at reduced depth:
+    every BatchNorm of the network takes the axis, however many blocks there are)."""
+    monkeypatch.setitem(resnet_module.STAGE_SIZES, 50, REDUCED)
     size = (33, 47)
     kw = dict(num_classes=NUM_CLASSES, aux=True, dropout_rate=0.0)
     plain = models.create("deeplabv3plus_resnet50", **kw)

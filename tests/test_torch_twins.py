@@ -1,5 +1,8 @@
-"""tests/torch_reference.py's DeepLab v3+ and FCN-VGG16 twins (experiments/benchmark.py's PyTorch side where
-torchvision has no such model) have segjax's parameter count and give logits at the input's odd H, W."""
+"""tests/torch_reference.py's twins (experiments/benchmark.py's PyTorch side where torchvision has no such
+model): the DeepLab v3+ and FCN-VGG16 twins have segjax's parameter count and give logits at the input's odd
+H, W; the UNet twin gives segjax's logits with the same (converted) weights, in eval and train mode."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +10,9 @@ import pytest
 import torch
 import torch_reference
 
-from segjax import analysis, models
+from segjax import analysis, convert, models
 from segjax.nn import bilinear_upsample_kernel
+from tests.parity import rel_l2
 
 H, W = 67, 75
 
@@ -63,3 +67,146 @@ def test_fcn_upsamplers_start_bilinear_as_segjax():
         weight = getattr(twin, layer).weight.detach().numpy()
         np.testing.assert_array_equal(weight, bilinear_upsample_kernel(k, 2).transpose(3, 2, 0, 1))
     assert all(not p.any() for n, p in twin.named_parameters() if n.startswith("score"))
+
+
+# ------------------------------------------------------------------ outputs with converted weights
+
+def twin_unet_key_to_milesial(key: str) -> str:
+    """The UNet twin's state_dict keys in milesial/Pytorch-UNet's layout, which `from_torch("unet")` reads."""
+    rules = ((r"^inc\.(\d+)\.", lambda m: f"inc.double_conv.{m[1]}."),
+             (r"^downs\.(\d+)\.(\d+)\.", lambda m: f"down{int(m[1]) + 1}.maxpool_conv.1.double_conv.{m[2]}."),
+             (r"^ups\.(\d+)\.up\.", lambda m: f"up{int(m[1]) + 1}.up."),
+             (r"^ups\.(\d+)\.conv\.(\d+)\.", lambda m: f"up{int(m[1]) + 1}.conv.double_conv.{m[2]}."),
+             (r"^outc\.", lambda m: "outc.conv."))
+    for pattern, replace in rules:
+        renamed = re.sub(pattern, replace, key)
+        if renamed != key:
+            return renamed
+    raise KeyError(key)
+
+
+@pytest.mark.parametrize("kw", [dict(bilinear=True, base_channels=8), dict(bilinear=False, base_channels=8)])
+def test_unet_twin_gives_segjax_logits_with_the_same_weights(kw):
+    """The benchmark's PyTorch UNet (tests/torch_reference.py) computes what segjax's unet computes: its own
+    random weights (BatchNorm statistics away from the defaults), converted through milesial's layout, give
+    the same eval and train-mode logits at an odd size."""
+    torch.manual_seed(0)
+    twin = torch_reference.unet(num_classes=3, **kw)
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    twin.eval()
+    state_dict = {twin_unet_key_to_milesial(k): v.detach().numpy().copy() for k, v in twin.state_dict().items()}
+    variables = convert.from_torch("unet", state_dict)
+    model = models.create("unet", num_classes=3, **kw)
+    x = np.random.default_rng(1).standard_normal((2, 37, 45, 3)).astype(np.float32)
+    ours = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)["out"]
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))["out"].numpy().transpose(0, 2, 3, 1)
+    assert ours.shape == ref.shape == (2, 37, 45, 3)
+    err = rel_l2(ours, ref)
+    # train mode too (batch statistics), as the benchmark's train step runs it
+    twin.train()
+    with torch.no_grad():
+        ref_train = twin(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))["out"].numpy().transpose(0, 2, 3, 1)
+    ours_train = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[0])(variables, x)["out"]
+    train_err = rel_l2(ours_train, ref_train)
+    print("unet twin", kw, f"eval / train logits rel L2 {err:.2e} / {train_err:.2e}")
+    assert err < 1e-4 and train_err < 1e-4
+    assert rel_l2(ours, ref_train) > 1e-2  # train and eval differ: the comparison has teeth
+
+
+def twin_u2net_key_to_original(key: str) -> str:
+    """The U2-Net twin's keys in U-2-Net's own layout (stageN / stageNd of rebnconv{in,k,kd} with conv_s1 and
+    bn_s1, sideN, outconv), which `from_torch("u2net")` reads."""
+    encoder_heights, decoder_heights = (7, 6, 5, 4, 4, 4), (4, 4, 5, 6, 7)  # the decoder from stage5d down
+    found = re.match(r"^(encoder|decoder)\.(\d+)\.(conv_in|enc\.(\d+)|dec\.(\d+))\.(\d)\.(.+)$", key)
+    if found is None:
+        side = re.match(r"^sides\.(\d+)\.(.+)$", key)
+        if side:
+            return f"side{int(side[1]) + 1}.{side[2]}"
+        if key.startswith("outconv."):
+            return key
+        raise KeyError(key)
+    part, index, block, enc, dec, layer, leaf = found.groups()
+    index = int(index)
+    stage = f"stage{index + 1}" if part == "encoder" else f"stage{5 - index}d"
+    height = (encoder_heights if part == "encoder" else decoder_heights)[index]
+    conv = ("rebnconvin" if block == "conv_in" else f"rebnconv{int(enc) + 1}" if enc is not None
+            else f"rebnconv{height - 1 - int(dec)}d")
+    return f"{stage}.{conv}.{'conv_s1' if layer == '0' else 'bn_s1'}.{leaf}"
+
+
+@pytest.mark.parametrize("name", ["u2netp"])
+def test_u2net_twin_gives_segjax_outputs_with_the_same_weights(name):
+    """The benchmark's PyTorch U2-Net (u2net: the same RSUs, wider) computes segjax's fused output and side
+    outputs, eval mode, with its own weights converted through U-2-Net's key layout."""
+    torch.manual_seed(0)
+    twin = getattr(torch_reference, name)(num_classes=1)
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    twin.eval()
+    state_dict = {twin_u2net_key_to_original(k): v.detach().numpy().copy() for k, v in twin.state_dict().items()}
+    variables = convert.from_torch(name, state_dict)
+    model = models.create(name, 1)
+    x = np.random.default_rng(2).standard_normal((1, 37, 45, 3)).astype(np.float32)
+    ours = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)  # noqa: E731
+    errors = [rel_l2(ours["out"], nhwc(ref["out"]))] + [rel_l2(a, nhwc(b)) for a, b in zip(ours["sides"], ref["sides"],
+                                                                                          strict=True)]
+    print(name, "twin eval rel L2 (fused, sides)", [f"{e:.1e}" for e in errors])
+    assert len(errors) == 7 and max(errors) < 1e-4
+
+
+def twin_deeplabv3plus_key_to_segjax(key: str) -> str:
+    """The DeepLab v3+ twin's keys in segjax's own layout (torchvision's backbone names; the head as segjax
+    names it), which `from_torch("deeplabv3plus_resnet50")` reads with its generic rule."""
+    rules = ((r"^stem\.0\.", "backbone.conv1."), (r"^stem\.1\.", "backbone.bn1."), (r"^(layer\d)\.", r"backbone.\1."),
+             (r"^aspp\.branches\.(\d)\.", r"classifier.aspp.convs.\1."),
+             (r"^aspp\.image_pool\.0\.", "classifier.aspp.convs.4.1."), (r"^aspp\.image_pool\.1\.", "classifier.aspp.convs.4.2."),
+             (r"^aspp\.project\.", "classifier.aspp.project."), (r"^low_project\.", "classifier.project."),
+             (r"^decoder\.(\d)\.", r"classifier.decoder_\1."), (r"^logits\.", "classifier.logits."),
+             (r"^aux\.0\.", "aux_classifier."), (r"^aux\.2\.", "aux_classifier.4."))
+    for pattern, replace in rules:
+        renamed = re.sub(pattern, replace, key)
+        if renamed != key:
+            return renamed
+    raise KeyError(key)
+
+
+@pytest.mark.slow  # a full ResNet-50
+def test_deeplabv3plus_twin_gives_segjax_logits_with_the_same_weights():
+    """The benchmark's PyTorch DeepLab v3+ (aux) computes segjax's logits and aux logits, eval mode, with its
+    own weights converted."""
+    torch.manual_seed(0)
+    twin = torch_reference.deeplabv3plus_resnet50(num_classes=3, aux=True)
+    with torch.no_grad():
+        for m in twin.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    twin.eval()
+    state_dict = {twin_deeplabv3plus_key_to_segjax(k): v.detach().numpy().copy() for k, v in twin.state_dict().items()}
+    variables = convert.from_torch("deeplabv3plus_resnet50", state_dict)
+    model = models.create("deeplabv3plus_resnet50", num_classes=3, aux=True)
+    x = np.random.default_rng(3).standard_normal((1, H, W, 3)).astype(np.float32)
+    ours = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    for key in ("out", "aux"):
+        err = rel_l2(ours[key], ref[key].numpy().transpose(0, 2, 3, 1))
+        print("deeplabv3plus_resnet50 twin", key, f"eval rel L2 {err:.2e}")
+        assert err < 1e-4
