@@ -117,6 +117,7 @@ def _venv_site_packages(venv: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------- test
 
+@pytest.mark.e2e
 def test_a_wheel_installed_into_a_fresh_venv_runs_every_verb(tmp_path):
     # Build from a copy of what the wheel is made of, so the build writes nothing into the checkout.
     src = tmp_path / "src"
