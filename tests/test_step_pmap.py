@@ -10,7 +10,7 @@ import pytest
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_readme_pmap_example_runs_on_two_devices(tmp_path):
     text = open(README).read()
     code = re.search(r"<!-- pmap-example -->\n```python\n(.*?)```", text, re.S)[1]
