@@ -62,6 +62,24 @@ def make_image(size: int, fmt: str, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def watch(pid: int, start: float, every: float) -> tuple:
+    """Waits for the child; every `every` seconds prints its resident-set high-water mark so far (VmHWM),
+    so that a run stopped early still tells its peak up to then. Returns (wait status, rusage)."""
+    last = start
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            return status, usage
+        if every and time.time() - last >= every:
+            last = time.time()
+            with open(f"/proc/{pid}/status") as f:
+                vm = {k: v.split()[0] for k, _, v in (line.partition(":") for line in f) if k in ("VmHWM", "VmRSS")}
+            print(json.dumps({"elapsed_s": round(last - start), "peak_rss_so_far_gib":
+                              round(int(vm["VmHWM"]) * 1024 / GIB, 2), "rss_gib": round(int(vm["VmRSS"]) * 1024 / GIB, 2)}),
+                  flush=True)
+        time.sleep(1.0)
+
+
 def run_predict(args, image: str, save_probs: bool) -> dict:
     out = os.path.join(args.workdir, "out")
     shutil.rmtree(out, ignore_errors=True)
@@ -73,7 +91,7 @@ def run_predict(args, image: str, save_probs: bool) -> dict:
     start = time.time()
     with open(log, "w") as sink:  # a file, not a pipe: the child is reaped by wait4 below, not by Popen
         child = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
+        status, usage = watch(child.pid, start, args.progress_every)
     child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.time() - start
     if child.returncode != 0:
@@ -96,6 +114,7 @@ def main():
     ap.add_argument("--overlap", type=float, default=0.25)
     ap.add_argument("--workdir", default="/tmp/segjax_tiled")
     ap.add_argument("--keep-outputs", action="store_true")
+    ap.add_argument("--progress-every", type=float, default=300, help="seconds between progress lines (0: none)")
     ap.add_argument("--make-image", nargs=3, metavar=("SIZE", "FORMAT", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.make_image:
