@@ -74,9 +74,9 @@ def watch(pid: int, start: float, every: float) -> tuple:
             last = time.time()
             with open(f"/proc/{pid}/status") as f:
                 vm = {k: v.split()[0] for k, _, v in (line.partition(":") for line in f) if k in ("VmHWM", "VmRSS")}
-            print(json.dumps({"elapsed_s": round(last - start), "peak_rss_so_far_gib":
-                              round(int(vm["VmHWM"]) * 1024 / GIB, 2), "rss_gib": round(int(vm["VmRSS"]) * 1024 / GIB, 2)}),
-                  flush=True)
+            gib = {k: round(int(v) * 1024 / GIB, 2) for k, v in vm.items()}
+            print(json.dumps({"elapsed_s": round(last - start), "peak_rss_so_far_gib": gib["VmHWM"],
+                              "rss_gib": gib["VmRSS"]}), flush=True)
         time.sleep(1.0)
 
 
@@ -99,7 +99,8 @@ def run_predict(args, image: str, save_probs: bool) -> dict:
     written = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
     if not args.keep_outputs:
         shutil.rmtree(out, ignore_errors=True)
-    return {"image": os.path.basename(image), "save_probs": save_probs, "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2),
+    return {"image": os.path.basename(image), "save_probs": save_probs,
+            "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2),
             "wall_s": round(wall, 1), "outputs_gib": round(written / GIB, 2), "cpu_count": os.cpu_count(),
             "loadavg_1min_at_end": round(os.getloadavg()[0], 1), "command": " ".join(cmd[1:])}
 

@@ -21,11 +21,12 @@ Rules (see docs/tiling.md):
   overlap // 4): with margin >= the receptive-field radius and overlap >= 2 * margin + 1 the result
   equals whole-image inference everywhere except within that radius of a bottom / right border that
   a padded tile crosses (models without global pooling only; see docs/tiling.md).
-- **Row bands.** Probabilities accumulate on the host in a band of `th` rows x the image width
-  (float32 sums plus weights). Tiles are visited in raster order; when a new row of tiles starts, the
-  rows above it are finished: they are normalised, written into `out` (which may be an `np.memmap`)
-  and the band moves down. Host memory is the band plus two batches, device memory two batches,
-  whatever the image height; only `out` (and the input image) grow with the image.
+- **Row bands.** `BandAccumulator` blends on the host in a band of `th` rows x the image width (float32
+  sums plus weights). Tiles come in raster order; the first tile of a new row of tiles finishes the
+  rows above it, which `finished_rows()` hands back normalised, and the band moves down.
+  `iter_tiled_probs` yields those bands top to bottom (what `segjax predict --tile` writes its outputs
+  from); `predict_tiled` collects them into one array (or `out`, e.g. an `np.memmap`). Host memory is
+  the band plus two batches, device memory two batches, whatever the image height.
 """
 from __future__ import annotations
 

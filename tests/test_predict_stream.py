@@ -58,7 +58,8 @@ def test_tiled_outputs_equal_whole_image_outputs_in_the_interior(ckpt, tmp_path,
     assert sorted(os.listdir(tiled)) == sorted(os.listdir(whole)) == sorted(names)
     p_whole, names_whole = probmaps.load_probs(str(whole / "scene_probs.npy"))
     p_tiled, names_tiled = probmaps.load_probs(str(tiled / "scene_probs.npy"), mmap=True)
-    assert p_tiled.dtype == np.float16 and p_tiled.shape == (2000, 3000, 3) and names_tiled == names_whole == ["0", "1", "2"]
+    assert p_tiled.dtype == np.float16 and p_tiled.shape == (2000, 3000, 3)
+    assert names_tiled == names_whole == ["0", "1", "2"]
     # Exact wherever every tile that weighs a pixel sees its whole receptive field (radius 3 < margin 16):
     # all but the last few rows / columns, where the grid's last tiles reach past the border (reflected).
     inner = (slice(0, 2000 - 8), slice(0, 3000 - 8))

@@ -216,3 +216,17 @@ def test_tiles_are_read_one_row_of_tiles_at_a_time():
     assert rows_only.reads == [(0, 16), (12, 28), (24, 40), (36, 45)]  # one read per row of tiles
     assert [(top, len(b)) for top, b in bands] == [(0, 12), (12, 12), (24, 21)]  # tile_batch 4 = a row
     np.testing.assert_array_equal(np.concatenate([b for _, b in bands]), want)
+
+
+def test_bilinear_unet_depends_on_the_tile_everywhere():
+    """align_corners=True resizes place their samples by the map's size, so the bilinear UNet is not
+    translation-equivariant: its tiled result differs from whole-image inference far from any border,
+    well beyond float rounding (docs/tiling.md quotes this bound), while the transposed-convolution
+    UNet's agrees to 1e-5 (test_unet_tiled_equals_whole_image_in_the_interior)."""
+    m = models.create("unet", num_classes=3, base_channels=4, bilinear=True)
+    v = analysis.init_variables(m, (64, 64))
+    probs_fn = jax.jit(lambda x: jax.nn.softmax(m.apply(v, x, train=False)["out"], -1))
+    image = np.random.default_rng(7).normal(size=(192, 192, 3)).astype(np.float32)
+    whole = np.asarray(probs_fn(image[None]))[0]
+    tiled = tiling.predict_tiled(probs_fn, image, tile=128, overlap=0.5, tile_batch=4, output_stride=16)
+    assert np.abs(tiled - whole)[16:-16, 16:-16].max() > 1e-2
