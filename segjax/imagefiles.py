@@ -95,6 +95,17 @@ class TiffRows:
         self.shape, self.ndim = (self.height, self.width, 3), 3
         self._contiguous = page.is_contiguous and page.compression == 1
         self._chunk_row: tuple | None = None
+        if not self._contiguous:
+            self._first_chunks_decode()
+
+    def _first_chunks_decode(self) -> None:
+        """A compression tifffile cannot decode (JPEG without imagecodecs, ...) is found before any output."""
+        try:
+            self._chunk_row_pixels(0)
+        except SegjaxError as e:
+            raise SegjaxError(f"{self.path}: tifffile cannot decode this TIFF's first {self._segment} "
+                              f"(compression {self._page.compression.name}: {e.__cause__ or e}); re-save it "
+                              "uncompressed or with deflate compression") from None
 
     def _check(self, page) -> None:
         if page.dtype != np.uint8 or page.samplesperpixel not in (1, 2, 3, 4) or page.photometric not in (0, 1, 2):
@@ -151,10 +162,14 @@ class TiffRows:
                 seg = page.decode(fh.read(page.databytecounts[k]), k, jpegtables=page.jpegtables)[0]
                 pixels[:, c * cw:c * cw + seg.shape[2]] = seg.reshape(seg.shape[1:4])[:rows]
             except Exception as e:
-                raise SegjaxError(f"{self.path}: TIFF {'tile' if page.is_tiled else 'strip'} {k} cannot be "
-                                  f"decoded ({e}); the file is corrupt, copy it again") from None
+                raise SegjaxError(f"{self.path}: TIFF {self._segment} {k} cannot be decoded ({e}); the file is "
+                                  "corrupt, copy it again") from e
         self._chunk_row = (r, pixels[:, :self.width])
         return self._chunk_row[1]
+
+    @property
+    def _segment(self) -> str:
+        return "tile" if self._page.is_tiled else "strip"
 
     def close(self) -> None:
         self._tif.close()

@@ -97,3 +97,17 @@ def test_jpeg_closed_early_is_refused(tmp_path):
         writer.close()
     with pytest.raises(SegjaxError, match="70000x8 overlay does not fit a JPEG"):
         imagefiles.JpegStripWriter(str(tmp_path / "t.jpg"), 70000, 8)
+
+
+def test_a_compression_tifffile_cannot_decode_is_refused_before_reading(tmp_path, rgb, monkeypatch):
+    path = tmp_path / "z.tif"
+    tifffile.imwrite(path, rgb, compression="zlib", rowsperstrip=8)
+
+    def no_codec(self):
+        def decode(*a, **k):
+            raise ValueError("requires a codec that is not installed")
+        return decode
+    monkeypatch.setattr(tifffile.TiffPage, "decode", property(no_codec))
+    with pytest.raises(SegjaxError, match=r"z\.tif: tifffile cannot decode this TIFF's first strip "
+                                          r"\(compression ADOBE_DEFLATE: requires a codec.*re-save it"):
+        imagefiles.open_rows(str(path))
