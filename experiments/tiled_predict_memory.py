@@ -1,166 +1,141 @@
-"""Peak host memory and wall time of tiled prediction of a huge image, and what whole-image prediction would need.
+"""Peak resident memory and wall time of `segjax predict --tile` on huge images, through the CLI.
 
-    python experiments/tiled_predict_memory.py [--size 12000] [--base 8] [--tile 512] [--overlap 0.25]
-        [--batch 4] [--workdir /tmp/segjax_tiled] [--whole-sizes 1024,2048]
+    python experiments/tiled_predict_memory.py --checkpoint runs/synthetic_unet \\
+        [--runs 8000:jpeg,20000:tiff] [--probs both|off|on] [--tile 256] [--overlap 0.25] \\
+        [--workdir /tmp/segjax_tiled] [--keep-outputs]
 
-1. Writes a synthetic uint8 RGB image of size x size to an .npy memmap, then predicts it with
-   `segjax.tiling.predict_tiled` (UNet, bilinear, random weights, 3 classes) into a float32 .npy memmap.
-   Reports ru_maxrss (resident set, which includes the memmaps' file pages that were touched) and the
-   peaks of RssAnon (private memory: what the process really needs) and RssFile sampled every 50 ms.
-2. Whole-image prediction: (a) XLA's buffer assignment for the jitted forward compiled (not run) at
-   1 x size x size, (b) measured peak RSS of whole-image prediction at smaller sizes, in subprocesses,
-   extrapolated linearly in pixels.
+The checkpoint is the default recipe's (`segjax train`, a UNet with 16 base channels, bilinear,
+5 classes); for memory only its architecture matters, so a short run does, e.g.
+`segjax train --workdir /tmp/ckpt --config.num_steps=30 --config.eval_every_steps=30`.
+
+For each run SIZE:FORMAT (jpeg, png or tiff; the TIFF is uncompressed RGB) it writes a synthetic
+SIZE x SIZE RGB image (once, in a subprocess, kept in --workdir), then runs
+
+    python -m segjax.cli predict --checkpoint CKPT IMAGE --out OUT --tile T T --overlap O [--save-probs]
+
+as a child process and reads that child's own peak resident set (`ru_maxrss` from `os.wait4`; this
+parent never imports JAX, so nothing of it is counted). It prints one JSON line per run and a
+markdown table (size, format, --save-probs, peak RSS, wall time, output bytes). The outputs are
+deleted after each run unless --keep-outputs (the float16 probabilities of a 20,000 x 20,000,
+5-class image are 4 GB).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
-import threading
 import time
 
-import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from segjax import analysis, models, tiling  # noqa: E402
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1024 ** 3
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # segjax.data.transforms' values
 
 
-def proc_status(keys=("RssAnon", "RssFile", "VmRSS", "VmHWM")) -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in keys:
-                out[k] = int(v.split()[0]) * 1024
-    return out
+def make_image(size: int, fmt: str, path: str) -> None:
+    """A smooth colour pattern with noise, written 1,000 rows at a time (TIFF) or from one array (PIL)."""
+    import numpy as np
+
+    def rows(r0, r1):
+        y = np.arange(r0, r1)[:, None, None]
+        x = np.arange(size)[None, :, None]
+        pattern = 127 + 100 * np.sin(y / 97.0 + x / 131.0 + np.arange(3)) + \
+            np.random.default_rng(r0).integers(-20, 21, (r1 - r0, size, 3))
+        return np.clip(pattern, 0, 255).astype(np.uint8)
+
+    chunk = 1000
+    if fmt == "tiff":
+        import tifffile
+
+        strips = (rows(r, min(size, r + chunk)) for r in range(0, size, chunk))
+        tifffile.imwrite(path + ".tmp", strips, shape=(size, size, 3), dtype=np.uint8, photometric="rgb",
+                         rowsperstrip=chunk, bigtiff=size * size * 3 > 2 ** 31)
+    else:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None
+        image = np.empty((size, size, 3), np.uint8)
+        for r in range(0, size, chunk):
+            image[r:r + chunk] = rows(r, min(size, r + chunk))
+        Image.fromarray(image).save(path + ".tmp", format="JPEG" if fmt == "jpeg" else "PNG", quality=90)
+    os.replace(path + ".tmp", path)
 
 
-class PeakSampler(threading.Thread):
-    def __init__(self, period=0.05):
-        super().__init__(daemon=True)
-        self.period, self.peak, self.stop = period, {}, threading.Event()
+def watch(pid: int, start: float, every: float) -> tuple:
+    """Waits for the child; every `every` seconds prints its resident-set high-water mark so far (VmHWM),
+    so that a run stopped early still tells its peak up to then. Returns (wait status, rusage)."""
+    last = start
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            return status, usage
+        if every and time.time() - last >= every:
+            last = time.time()
+            with open(f"/proc/{pid}/status") as f:
+                vm = {k: v.split()[0] for k, _, v in (line.partition(":") for line in f) if k in ("VmHWM", "VmRSS")}
+            gib = {k: round(int(v) * 1024 / GIB, 2) for k, v in vm.items()}
+            print(json.dumps({"elapsed_s": round(last - start), "peak_rss_so_far_gib": gib["VmHWM"],
+                              "rss_gib": gib["VmRSS"]}), flush=True)
+        time.sleep(1.0)
 
-    def run(self):
-        while not self.stop.is_set():
-            for k, v in proc_status().items():
-                self.peak[k] = max(self.peak.get(k, 0), v)
-            time.sleep(self.period)
 
-
-def model_and_fn(base):
-    m = models.create("unet", num_classes=3, base_channels=base, bilinear=True)
-    v = analysis.init_variables(m, (64, 64))
-    fn = jax.jit(lambda v, x: jax.nn.softmax(m.apply(v, x, train=False)["out"], -1))
-    return m, v, fn
-
-
-def whole(size, base):
-    """Whole-image prediction at size x size in this process; prints its peak RSS as JSON.
-
-    VmHWM (this process's high-water mark), not ru_maxrss: Linux carries ru_maxrss over execve, so a
-    subprocess would report its parent's peak."""
-    _, v, fn = model_and_fn(base)
-    x = np.random.default_rng(0).normal(size=(1, size, size, 3)).astype(np.float32)
-    before = proc_status()["VmHWM"]
-    t = time.time()
-    np.asarray(fn(v, x))
-    print(json.dumps({"size": size, "peak_rss": proc_status()["VmHWM"], "before": before,
-                      "seconds": time.time() - t}))
+def run_predict(args, image: str, save_probs: bool) -> dict:
+    out = os.path.join(args.workdir, "out")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "segjax.cli", "predict", "--checkpoint", args.checkpoint, image, "--out", out,
+           "--tile", str(args.tile), str(args.tile), "--overlap", str(args.overlap)] + \
+        (["--save-probs"] if save_probs else [])
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = os.path.join(args.workdir, "predict.log")
+    start = time.time()
+    with open(log, "w") as sink:  # a file, not a pipe: the child is reaped by wait4 below, not by Popen
+        child = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        status, usage = watch(child.pid, start, args.progress_every)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.time() - start
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{open(log).read()[-3000:]}")
+    written = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
+    if not args.keep_outputs:
+        shutil.rmtree(out, ignore_errors=True)
+    return {"image": os.path.basename(image), "save_probs": save_probs,
+            "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2),
+            "wall_s": round(wall, 1), "outputs_gib": round(written / GIB, 2), "cpu_count": os.cpu_count(),
+            "loadavg_1min_at_end": round(os.getloadavg()[0], 1), "command": " ".join(cmd[1:])}
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=12000)
-    ap.add_argument("--base", type=int, default=8)
-    ap.add_argument("--tile", type=int, default=512)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=False, help="a trained default-recipe workdir (see above)")
+    ap.add_argument("--runs", default="8000:jpeg,20000:tiff", help="SIZE:FORMAT,... (jpeg, png, tiff)")
+    ap.add_argument("--probs", default="both", choices=["both", "off", "on"], help="runs with --save-probs?")
+    ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--overlap", type=float, default=0.25)
-    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--workdir", default="/tmp/segjax_tiled")
-    ap.add_argument("--whole-sizes", default="1024,2048")
-    ap.add_argument("--whole", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--whole-only", action="store_true", help="only the whole-image estimates (step 2)")
+    ap.add_argument("--keep-outputs", action="store_true")
+    ap.add_argument("--progress-every", type=float, default=300, help="seconds between progress lines (0: none)")
+    ap.add_argument("--make-image", nargs=3, metavar=("SIZE", "FORMAT", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.whole:
-        return whole(a.whole, a.base)
-    if a.whole_only:
-        return whole_estimates(a)
-
+    if a.make_image:
+        return make_image(int(a.make_image[0]), a.make_image[1], a.make_image[2])
+    if not a.checkpoint:
+        ap.error("--checkpoint is required")
     os.makedirs(a.workdir, exist_ok=True)
-    n = a.size
-    img_path, out_path = os.path.join(a.workdir, "image.npy"), os.path.join(a.workdir, "probs.npy")
-    image = np.lib.format.open_memmap(img_path, mode="w+", dtype=np.uint8, shape=(n, n, 3))
-    yy = np.arange(n)[:, None]
-    for r in range(0, n, 1000):  # a smooth pattern plus noise, written in row chunks
-        rows = np.arange(r, min(n, r + 1000))[:, None, None]
-        xx = np.arange(n)[None, :, None]
-        pattern = (127 + 100 * np.sin(rows / 97.0 + xx / 131.0 + np.arange(3)) +
-                   np.random.default_rng(r).integers(-20, 21, (len(rows), n, 3)))
-        image[r:r + len(rows)] = np.clip(pattern, 0, 255).astype(np.uint8)
-    image.flush()
-    del image, yy
-    image = np.load(img_path, mmap_mode="r")
-    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(n, n, 3))
-
-    m, v, fn = model_and_fn(a.base)
-    stride = analysis.output_stride(m, (128, 128), variables=v, num_classes=3)["feature"]
-    start_rss = proc_status()
-    sampler = PeakSampler()
-    sampler.start()
-    t = time.time()
-    stats = {}
-    tiling.predict_tiled(lambda x: fn(v, x), image, tile=a.tile, overlap=a.overlap, tile_batch=a.batch,
-                         out=out, output_stride=stride, mean=IMAGENET_MEAN, std=IMAGENET_STD, stats=stats)
-    out.flush()
-    wall = time.time() - t
-    sampler.stop.set()
-    sampler.join()
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    report = {"size": n, "model": f"unet base {a.base} bilinear", "tile": a.tile, "overlap": a.overlap,
-              "tile_batch": a.batch, "tiles": stats["tiles"], "grid": stats["grid"], "wall_s": round(wall, 1),
-              "ru_maxrss_gib": round(ru / GIB, 3),
-              "peak_rss_anon_gib": round(sampler.peak.get("RssAnon", 0) / GIB, 3),
-              "peak_rss_file_gib": round(sampler.peak.get("RssFile", 0) / GIB, 3),
-              "rss_anon_before_gib": round(start_rss.get("RssAnon", 0) / GIB, 3),
-              "accumulator_mib": round(stats["accumulator_bytes"] / 2 ** 20, 1),
-              "output_gib": round(out.nbytes / GIB, 3), "input_gib": round(image.nbytes / GIB, 3),
-              "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg()}
-    print(json.dumps(report), flush=True)
-    del out, image
-    whole_estimates(a)
-
-
-def whole_estimates(a):
-    n = a.size
-    _, v, fn = model_and_fn(a.base)
-    # (a) XLA's own buffer assignment for the whole image, compiled only.
-    x = jax.ShapeDtypeStruct((1, n, n, 3), jnp.float32)
-    mem = fn.lower(v, x).compile().memory_analysis()
-    xla = {"size": n, "xla_temp_gib": round(mem.temp_size_in_bytes / GIB, 2),
-           "xla_argument_gib": round(mem.argument_size_in_bytes / GIB, 2),
-           "xla_output_gib": round(mem.output_size_in_bytes / GIB, 2)}
-    print(json.dumps(xla), flush=True)
-    # (b) measured whole-image peaks at smaller sizes, extrapolated per pixel.
-    rows = []
-    for s in [int(s) for s in a.whole_sizes.split(",") if s]:
-        res = subprocess.run([sys.executable, __file__, "--whole", str(s), "--base", str(a.base)],
-                             capture_output=True, text=True, check=True)
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    if len(rows) >= 2:
-        (s1, m1), (s2, m2) = [(r["size"] ** 2, r["peak_rss"]) for r in rows[-2:]]
-        per_px = (m2 - m1) / (s2 - s1)
-        print(json.dumps({"extrapolated_whole_gib": round((m1 + per_px * (n * n - s1)) / GIB, 1),
-                          "bytes_per_pixel": round(per_px, 1)}), flush=True)
+    results = []
+    for run in a.runs.split(","):
+        size, fmt = run.split(":")
+        image = os.path.join(a.workdir, f"image_{size}.{ {'jpeg': 'jpg', 'png': 'png', 'tiff': 'tif'}[fmt] }")
+        if not os.path.exists(image):  # in a subprocess: its memory is not this process's
+            subprocess.run([sys.executable, __file__, "--make-image", size, fmt, image], check=True)
+        for save_probs in {"both": (False, True), "off": (False,), "on": (True,)}[a.probs]:
+            results.append(dict(size=int(size), format=fmt, **run_predict(a, image, save_probs)))
+            print(json.dumps(results[-1]), flush=True)
+    print("\n| image | --save-probs | peak RSS (ru_maxrss) | wall time | outputs |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['size']:,} x {r['size']:,} {r['format'].upper()} | {'yes' if r['save_probs'] else 'no'} | "
+              f"{r['peak_rss_gib']:.2f} GiB | {r['wall_s'] / 60:.1f} min | {r['outputs_gib']:.2f} GiB |")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,8 @@ def _add_predict(sub):
     p.add_argument("--multi-scale", action="store_true")
     p.add_argument("--flip", action="store_true")
     p.add_argument("--save-probs", action="store_true", help="also write float16 class probabilities "
-                   "(<stem>_probs.npz) and a per-pixel entropy PNG; saliency: a 16-bit PNG of the map")
+                   "(<stem>_probs.npy, class names in <stem>_probs.json) and a per-pixel entropy PNG; "
+                   "saliency: a 16-bit PNG of the map")
     _add_tile_flags(p)
     _add_crf_flags(p)
     _add_cache_flag(p)

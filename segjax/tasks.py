@@ -149,7 +149,7 @@ class _Saliency(Task):
 SEGMENTATION = _Segmentation(
     "segmentation", "softmax", "label = argmax over the last axis", "miou",
     suffixes={"mask": ".png", "overlay": "_overlay.jpg"},
-    probs_suffixes={"probs": "_probs", "entropy": "_entropy.png"}, labels_are_classes=True, score_name="mIoU")
+    probs_suffixes={"probs": "_probs.npy", "names": "_probs.json", "entropy": "_entropy.png"}, labels_are_classes=True, score_name="mIoU")
 SALIENCY = _Saliency(
     "saliency", "sigmoid", "saliency = sigmoid(channel 0)", "max_f",
     suffixes={"mask": "_saliency.png", "overlay": "_cutout.png"},
