@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjax import checkpoint, cli, crf
+from segjax import probmaps, checkpoint, cli, crf
 from segjax.errors import SegjaxError
 from tests import tiny_model
 
@@ -180,8 +180,8 @@ def test_predict_with_crf_writes_the_refined_masks_and_probabilities(tiny_checkp
     assert cli.main(["predict", "--checkpoint", ckpt, str(path), "--out", str(plain), "--save-probs"]) == 0
     assert cli.main(["predict", "--checkpoint", ckpt, str(path), "--out", str(refined), "--save-probs", "--crf",
                      "--crf-iterations", "3"]) == 0
-    before = np.load(plain / "photo_probs.npz")["probs"].astype(np.float32)
-    after = np.load(refined / "photo_probs.npz")["probs"].astype(np.float32)
+    before = probmaps.load_probs(str(plain / "photo_probs.npy"))[0].astype(np.float32)
+    after = probmaps.load_probs(str(refined / "photo_probs.npy"))[0].astype(np.float32)
     expected = jitted(crf.dense_crf, image, before, iterations=3)
     np.testing.assert_allclose(after, expected, atol=2e-3)  # float16 files
     assert (np.asarray(Image.open(refined / "photo.png")) == expected.argmax(-1)).mean() > 0.99
