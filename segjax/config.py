@@ -261,22 +261,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_classes = 21
     c.dtype = "float32"                # compute dtype; "bfloat16" = mixed precision (params/opt fp32)
 
-    c.dataset = "synthetic"
-    c.data_dir = ""                    # "" = $SEGJAX_DATA_DIR or ~/.cache/segjax/data
-    c.manual_dir = ""                  # where downloaded archives are, for data sets we can't fetch
-    c.data_options = ml_collections.ConfigDict()  # synthetic: image_size, num_train, num_val, ...
-    c.train_split = "train"
-    c.eval_split = "val"
-    c.base_size = 520
-    c.crop_size = 480                  # <= base_size * scale_range[1], else every crop is padding (see check())
-    c.scale_range = (0.5, 2.0)
-    c.hflip = True
-    c.vflip = False
-    c.in_channels = 3                  # != 3: images read as multi-band (16-bit) TIFF through tifffile
-    c.mean = (0.485, 0.456, 0.406)     # per input channel, of the 0-1 range
-    c.std = (0.229, 0.224, 0.225)
-    c.workers = 0                      # grain worker processes (0 = in the main process)
-    c.uint8_batches = False            # ship train images as uint8, normalise on the devices (less host CPU)
+    _data_defaults(c)
 
     c.batch_size = 32                  # global (all devices, all hosts); torchvision's recipe: 4 per GPU x 8
     c.eval_batch_size = 8
@@ -315,3 +300,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_scales = (1.0,)             # DeepLab v3 multi-scale: (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     c.eval_flip = False
     return c
+
+
+def _data_defaults(c: ml_collections.ConfigDict) -> None:
+    """The data set, its pipeline and the input normalisation."""
+    c.dataset = "synthetic"
+    c.data_dir = ""                    # "" = $SEGJAX_DATA_DIR or ~/.cache/segjax/data
+    c.manual_dir = ""                  # where downloaded archives are, for data sets we can't fetch
+    c.data_options = ml_collections.ConfigDict()  # synthetic: image_size, num_train, num_val, ...
+    c.train_split = "train"
+    c.eval_split = "val"
+    c.base_size = 520
+    c.crop_size = 480                  # <= base_size * scale_range[1], else every crop is padding (see check())
+    c.scale_range = (0.5, 2.0)
+    c.hflip = True
+    c.vflip = False
+    c.in_channels = 3                  # != 3: images read as multi-band (16-bit) TIFF through tifffile
+    c.mean = (0.485, 0.456, 0.406)     # per input channel, of the 0-1 range
+    c.std = (0.229, 0.224, 0.225)
+    c.workers = 0                      # grain worker processes (0 = in the main process)
+    c.uint8_batches = False            # ship train images as uint8, normalise on the devices (less host CPU)

@@ -29,3 +29,17 @@ def random_state_dict(table: dict, seed: int = 0, gain: float = 1.0, gain_key: s
         else:  # biases, running means
             sd[key] = (rng.standard_normal(shape) * 0.1).astype(np.float32)
     return sd
+
+
+def randomise_batch_norm(module) -> None:
+    """Every BatchNorm2d of a PyTorch module gets gains, biases and running statistics away from their
+    defaults (as a trained network has), so a conversion that drops or swaps one of them shows."""
+    import torch
+
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from segjax import models
+from segjax import analysis, models
 from segjax.convert import from_torch, layout_for, load_backbone, model_shapes, torch_to_flax
 from segjax.errors import SegjaxError
 from segjax.models.mobilenetv3 import MobileNetV3Features
@@ -39,7 +39,7 @@ def numpy_state_dict(model: torch.nn.Module) -> dict:
 
 
 def count_params(model) -> int:
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(model_shapes(model)["params"]))
+    return analysis.param_count(model_shapes(model))
 
 
 def images(n=2, seed=0):

@@ -12,7 +12,7 @@ import torch_reference
 
 from segjax import analysis, convert, models
 from segjax.nn import bilinear_upsample_kernel
-from tests.parity import rel_l2
+from tests.parity import rel_l2, randomise_batch_norm
 
 H, W = 67, 75
 
@@ -92,13 +92,7 @@ def test_unet_twin_gives_segjax_logits_with_the_same_weights(kw):
     the same eval and train-mode logits at an odd size."""
     torch.manual_seed(0)
     twin = torch_reference.unet(num_classes=3, **kw)
-    with torch.no_grad():
-        for m in twin.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
+    randomise_batch_norm(twin)
     twin.eval()
     state_dict = {twin_unet_key_to_milesial(k): v.detach().numpy().copy() for k, v in twin.state_dict().items()}
     variables = convert.from_torch("unet", state_dict)
@@ -147,13 +141,7 @@ def test_u2net_twin_gives_segjax_outputs_with_the_same_weights(name):
     outputs, eval mode, with its own weights converted through U-2-Net's key layout."""
     torch.manual_seed(0)
     twin = getattr(torch_reference, name)(num_classes=1)
-    with torch.no_grad():
-        for m in twin.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
+    randomise_batch_norm(twin)
     twin.eval()
     state_dict = {twin_u2net_key_to_original(k): v.detach().numpy().copy() for k, v in twin.state_dict().items()}
     variables = convert.from_torch(name, state_dict)
@@ -191,13 +179,7 @@ def test_deeplabv3plus_twin_gives_segjax_logits_with_the_same_weights():
     own weights converted."""
     torch.manual_seed(0)
     twin = torch_reference.deeplabv3plus_resnet50(num_classes=3, aux=True)
-    with torch.no_grad():
-        for m in twin.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
+    randomise_batch_norm(twin)
     twin.eval()
     state_dict = {twin_deeplabv3plus_key_to_segjax(k): v.detach().numpy().copy() for k, v in twin.state_dict().items()}
     variables = convert.from_torch("deeplabv3plus_resnet50", state_dict)

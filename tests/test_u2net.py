@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segjax import convert, models
+from segjax import analysis, convert, models
 from segjax.errors import SegjaxError
 from tests.parity import random_state_dict, rel_l2
 
@@ -72,8 +72,7 @@ def torch_u2net(sd: dict, x: torch.Tensor, train: bool) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------- tests
 
 def count_params(model) -> int:
-    shapes = convert.model_shapes(model)
-    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(shapes["params"]))
+    return analysis.param_count(convert.model_shapes(model))
 
 
 @pytest.mark.parametrize("name, conv_bias, expected", [

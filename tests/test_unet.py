@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segjax import convert, models
+from segjax import analysis, convert, models
 from segjax import nn as snn
 from segjax.errors import SegjaxError
 from segjax.models.unet import pad_to
@@ -54,8 +54,7 @@ def torch_unet(sd: dict, x: torch.Tensor, train: bool) -> torch.Tensor:
 # ------------------------------------------------------------------------- tests
 
 def count_params(model) -> int:
-    shapes = convert.model_shapes(model)
-    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(shapes["params"]))
+    return analysis.param_count(convert.model_shapes(model))
 
 
 @pytest.mark.parametrize("kw, expected", [

@@ -14,18 +14,14 @@ import torch
 import torchvision
 F = torch.nn.functional
 
-from segjax import models, nn as snn  # noqa: E402
+from segjax import analysis, models, nn as snn  # noqa: E402
 from segjax.convert import from_torch, load_backbone, model_shapes  # noqa: E402
 from segjax.errors import SegjaxError  # noqa: E402
 from segjax.models import fcn_vgg  # noqa: E402
-from tests.parity import rel_l2
+from tests.parity import rel_l2, randomise_batch_norm
 
 VGG_ARCHS = ["vgg11", "vgg13", "vgg16", "vgg19"]
 SEG_NAMES = ["fcn32s_vgg16", "fcn16s_vgg16", "fcn8s_vgg16", "deeplabv1_largefov_vgg16"]
-
-
-def count(tree):
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
 def torch_numpy(module):
@@ -40,13 +36,7 @@ def vgg16_bn_pair():
     """torchvision vgg16_bn (dropout off) with non-trivial BN parameters and statistics, and our conversion."""
     torch.manual_seed(0)
     ref = torchvision.models.vgg16_bn(weights=None, num_classes=10, dropout=0.0)
-    with torch.no_grad():
-        for m in ref.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
+    randomise_batch_norm(ref)
     variables = from_torch("vgg16_bn", torch_numpy(ref), dropout_rate=0.0)  # num_classes read off classifier.6
     return ref, models.create("vgg16_bn", num_classes=10, dropout_rate=0.0), variables
 
@@ -88,7 +78,7 @@ def test_vgg16_bn_train_step_matches_torchvision(vgg16_bn_pair):
 
 def test_vgg16_has_138_357_544_parameters():
     shapes = model_shapes(models.create("vgg16", num_classes=1000))
-    assert count(shapes["params"]) == 138_357_544
+    assert analysis.param_count(shapes["params"]) == 138_357_544
     assert "batch_stats" not in shapes
 
 
@@ -103,7 +93,7 @@ def test_vgg_variants_convert_from_torchvision_state_dicts(arch, batch_norm):
     # Zero-stride views stand in for the weights: the converter checks names and shapes.
     state_dict = {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in ref.state_dict().items()}
     variables = from_torch(name, state_dict)
-    assert count(variables["params"]) == ref_params
+    assert analysis.param_count(variables["params"]) == ref_params
     assert ("batch_stats" in variables and len(variables["batch_stats"]) > 0) == batch_norm
     assert variables["params"]["classifier"]["6"]["kernel"].shape == (4096, 1000)
 
@@ -145,13 +135,13 @@ def _paper_param_count(name, c):
 @pytest.mark.parametrize("name", SEG_NAMES)
 def test_segmentation_nets_parameter_counts_match_papers(name):
     params = model_shapes(models.create(name, num_classes=21))["params"]
-    assert count(params) == _paper_param_count(name, 21)
+    assert analysis.param_count(params) == _paper_param_count(name, 21)
     # The papers' rounded figures: DeepLab-LargeFOV 20.5M; FCN-VGG16 134M, which leaves out the
     # upsamplers (fixed bilinear in the reference FCN-32s).
     if name.startswith("deeplab"):
-        assert round(count(params) / 1e5) / 10 == 20.5
+        assert round(analysis.param_count(params) / 1e5) / 10 == 20.5
     else:
-        assert round(count({k: v for k, v in params.items() if not k.startswith("upscore")}) / 1e6) == 134
+        assert round(analysis.param_count({k: v for k, v in params.items() if not k.startswith("upscore")}) / 1e6) == 134
 
 
 def _caffe_pool(n, k, s, p):

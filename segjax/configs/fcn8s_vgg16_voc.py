@@ -1,5 +1,5 @@
 """FCN-8s VGG-16 on VOC 2012 (Long et al.: SGD momentum 0.99 at a fixed lr 1e-10 on unnormalised sums in caffe;
-here the per-pixel-mean loss with the seeds' SGD 0.9, wd 5e-4, poly lr 1e-3, batch 20 crops of 480)."""
+here the per-pixel-mean loss with torchvision's reference-recipe SGD momentum 0.9, wd 5e-4, poly lr 1e-3, batch 20 crops of 480)."""
 from segjax.config import base_config
 
 

@@ -1,8 +1,8 @@
 """The default recipe (`segjax train` with no arguments): a small UNet on the built-in synthetic data set.
 
 Sized to reach mIoU >= 0.8 in well under 10 minutes on a busy 2-core CPU: 32x32 images (2,000 for
-training), UNet with 16 base channels, AdamW with the seeds' 1e-3 linear warmup then poly 0.9.
-(From scratch and on this budget, the seeds' SGD 0.9 stalled on predicting background; AdamW didn't.)
+training), UNet with 16 base channels, AdamW with torchvision's reference-recipe 1e-3 linear warmup then poly 0.9.
+(From scratch and on this budget, SGD with momentum 0.9 stalled on predicting background; AdamW didn't.)
 """
 from segjax.config import base_config
 
