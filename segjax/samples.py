@@ -9,6 +9,7 @@ predicted probability map in grey. Training writes one grid per evaluation to
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from segjax import tasks
+from segjax.files import write_atomic
 
 MIN_TILE = 192  # shorter side of an enlarged tile, in pixels
 MAX_TILE = 1024  # a long, thin image is enlarged only as far as its longer side stays under this
@@ -151,6 +153,7 @@ def save(workdir: str, step: int, picture: np.ndarray) -> str:
         image.putpalette(colours.astype(np.uint8).tobytes())
     else:
         image = Image.fromarray(picture)
-    image.save(path + ".tmp", format="PNG", optimize=True)
-    os.replace(path + ".tmp", path)
+    png = io.BytesIO()
+    image.save(png, format="PNG", optimize=True)
+    write_atomic(path, png.getvalue())
     return path

@@ -43,3 +43,15 @@ def randomise_batch_norm(module) -> None:
                 m.bias.uniform_(-0.2, 0.2)
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
+
+
+def eval_and_train_forward(model):
+    """jit (variables, x) -> (eval logits, train-mode logits, updated batch_stats) of a segjax model."""
+    import jax
+
+    @jax.jit
+    def forward(variables, x):
+        evaluated = model.apply(variables, x, train=False)["out"]
+        trained, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        return evaluated, trained["out"], updates["batch_stats"]
+    return forward

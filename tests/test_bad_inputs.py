@@ -316,6 +316,16 @@ def test_bad_input_is_one_line_naming_the_culprit_and_the_fix(env, tmp_path, bui
 
 # ------------------------------------------------------------------------------------- subprocesses
 
+def assert_read_only_refused(rc, err, workdir, before) -> None:
+    """A training run on a read-only workdir: one error line naming it, and the step-2 checkpoint unchanged."""
+    line = one_error_line(rc, err)
+    assert line == (f"error: {workdir}: cannot write there (read-only file system); make it writable or "
+                    "pick another --workdir"), line
+    assert tree_digest(workdir / "checkpoints") == before
+    variables, meta = checkpoint.load_variables(str(workdir / "checkpoints" / "2"))
+    assert meta["num_classes"] == 5 and "params" in variables
+
+
 def _subprocess(argv, extra_env=None, timeout=300):
     env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
@@ -365,12 +375,7 @@ def test_workdir_on_a_full_or_read_only_disk_keeps_its_checkpoint(env, tmp_path)
         os.remove(disk / "filler")
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         rc, _, err = run_cli(argv)
-        line = one_error_line(rc, err)
-        assert line == (f"error: {workdir}: cannot write there (read-only file system); make it writable or "
-                        "pick another --workdir"), line
-        assert tree_digest(workdir / "checkpoints") == before
-        variables, meta = checkpoint.load_variables(str(workdir / "checkpoints" / "2"))
-        assert meta["num_classes"] == 5 and "params" in variables
+        assert_read_only_refused(rc, err, workdir, before)
     finally:
         subprocess.run(["umount", str(disk)])
 
@@ -421,12 +426,7 @@ def test_workdir_full_or_read_only_by_injection(env, tmp_path, monkeypatch):
         patch.setattr(builtins, "open", read_only_open)
         patch.setattr(os, "mkdir", read_only_mkdir)
         rc, _, err = run_cli(argv)
-    line = one_error_line(rc, err)
-    assert line == (f"error: {workdir}: cannot write there (read-only file system); make it writable or "
-                    "pick another --workdir"), line
-    assert tree_digest(workdir / "checkpoints") == before
-    variables, meta = checkpoint.load_variables(str(workdir / "checkpoints" / "2"))
-    assert meta["num_classes"] == 5 and "params" in variables
+    assert_read_only_refused(rc, err, workdir, before)
 
 
 def test_injected_enospc_mid_write_becomes_one_line(tmp_path):

@@ -16,6 +16,18 @@ def rgb():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "tiled", "zlib strips", "grey", "rgba"])
+
+def damaged_tiff(path, image, rows_per_strip: int, strip: int):
+    """A zlib-compressed TIFF of `image` whose strip number `strip` is zeroed: the header reads fine, the
+    damage shows only when that strip is decoded. Returns the path."""
+    tifffile.imwrite(path, image, compression="zlib", rowsperstrip=rows_per_strip)
+    with tifffile.TiffFile(path) as tif:
+        at, n = tif.pages.first.dataoffsets[strip], tif.pages.first.databytecounts[strip]
+    raw = bytearray(path.read_bytes())
+    raw[at:at + n] = bytes(n)
+    path.write_bytes(bytes(raw))
+    return path
+
 def test_tiff_rows_equal_the_image(tmp_path, rgb, layout):
     path = str(tmp_path / "a.tif")
     if layout == "contiguous":
@@ -50,13 +62,7 @@ def test_truncated_and_corrupt_tiffs_are_one_line_errors_naming_the_file(tmp_pat
     with pytest.raises(SegjaxError, match=r"bad\.tif: not a TIFF tifffile can read"):
         imagefiles.open_rows(str(bad))
     # Compressed strips with damaged data: the header is fine, the damage shows when that strip is read.
-    zipped = tmp_path / "zip.tif"
-    tifffile.imwrite(zipped, big, compression="zlib", rowsperstrip=16)
-    with tifffile.TiffFile(zipped) as tif:
-        at, n = tif.pages.first.dataoffsets[5], tif.pages.first.databytecounts[5]
-    raw = bytearray(zipped.read_bytes())
-    raw[at:at + n] = bytes(n)
-    zipped.write_bytes(bytes(raw))
+    zipped = damaged_tiff(tmp_path / "zip.tif", big, rows_per_strip=16, strip=5)
     with imagefiles.open_rows(str(zipped)) as rows:
         np.testing.assert_array_equal(rows[0:16], big[0:16])
         with pytest.raises(SegjaxError, match=r"zip\.tif: TIFF strip 5 cannot be decoded"):

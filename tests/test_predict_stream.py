@@ -12,6 +12,7 @@ from PIL import Image
 from segjax import checkpoint, cli, probmaps
 from segjax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests import tiny_model
+from tests.test_imagefiles import damaged_tiff
 
 TILE = ["--tile", "256", "256", "--overlap", "0.25"]
 
@@ -115,13 +116,7 @@ def test_damaged_tiffs_are_one_line_errors_naming_the_file(ckpt, tmp_path, capsy
     assert len(err) == 1 and err[0].startswith(f"error: {cut}: the TIFF is truncated") and not out.exists()
     # Damage inside compressed data only shows when that strip is read, mid-image: the earlier image's
     # files stay, the damaged image's partial files go.
-    damaged = tmp_path / "damaged.tif"
-    tifffile.imwrite(damaged, image, compression="zlib", rowsperstrip=32)
-    with tifffile.TiffFile(damaged) as tif:
-        at, n = tif.pages.first.dataoffsets[10], tif.pages.first.databytecounts[10]
-    raw = bytearray(damaged.read_bytes())
-    raw[at:at + n] = bytes(n)
-    damaged.write_bytes(bytes(raw))
+    damaged = damaged_tiff(tmp_path / "damaged.tif", image, rows_per_strip=32, strip=10)
     assert cli.main(["predict", "--checkpoint", ckpt, str(good), str(damaged), "--out", str(out),
                      "--save-probs", *TILE]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -18,7 +18,7 @@ import torchvision
 
 from segjax import analysis, convert, models
 from segjax.errors import SegjaxError
-from tests.parity import random_state_dict, rel_l2
+from tests.parity import random_state_dict, rel_l2, eval_and_train_forward
 
 TABLE = json.loads((pathlib.Path(__file__).parent / "fixtures" / "segnet_delta_onera_state_dict_shapes.json")
                    .read_text())["segnet_input3_classes11"]
@@ -55,11 +55,7 @@ def _twin_state_dict(twin, seed):
 
 def _compare(model, variables, twin, x):
     """(eval rel. L2, train rel. L2, worst running-statistic rel. L2) of segjax against the twin in float64."""
-    @jax.jit
-    def forward(variables, x):
-        evaluated = model.apply(variables, x, train=False)["out"]
-        trained, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-        return evaluated, trained["out"], updates["batch_stats"]
+    forward = eval_and_train_forward(model)
 
     ours_eval, ours_train, stats = forward(variables, x)
     twin = twin.double()

@@ -18,7 +18,7 @@ from segjax import analysis, convert, models
 from segjax import nn as snn
 from segjax.errors import SegjaxError
 from segjax.models.unet import pad_to
-from tests.parity import random_state_dict, rel_l2
+from tests.parity import random_state_dict, rel_l2, eval_and_train_forward
 
 TABLES = json.loads((pathlib.Path(__file__).parent / "fixtures" / "unet_state_dict_shapes.json").read_text())
 
@@ -137,11 +137,7 @@ def test_parity_with_torch_eval_and_train(table):
     model = models.create("unet", **convert.layout_for("unet").infer_kwargs(sd))
     x = np.random.default_rng(4).standard_normal((2, 45, 37, 3)).astype(np.float32)
 
-    @jax.jit
-    def forward(variables, x):
-        evaluated = model.apply(variables, x, train=False)["out"]
-        trained, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-        return evaluated, trained["out"], updates["batch_stats"]
+    forward = eval_and_train_forward(model)
 
     ours_eval, ours_train, new_stats = forward(variables, x)
 
