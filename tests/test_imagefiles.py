@@ -15,8 +15,6 @@ def rgb():
     return np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "tiled", "zlib strips", "grey", "rgba"])
-
 def damaged_tiff(path, image, rows_per_strip: int, strip: int):
     """A zlib-compressed TIFF of `image` whose strip number `strip` is zeroed: the header reads fine, the
     damage shows only when that strip is decoded. Returns the path."""
@@ -28,6 +26,8 @@ def damaged_tiff(path, image, rows_per_strip: int, strip: int):
     path.write_bytes(bytes(raw))
     return path
 
+
+@pytest.mark.parametrize("layout", ["contiguous", "tiled", "zlib strips", "grey", "rgba"])
 def test_tiff_rows_equal_the_image(tmp_path, rgb, layout):
     path = str(tmp_path / "a.tif")
     if layout == "contiguous":
