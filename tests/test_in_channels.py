@@ -199,8 +199,10 @@ def test_convert_resnet18_to_four_channels_keeps_the_grey_response(tmp_path):
 def test_tiny_training_run_on_four_bands(tmp_path):
     """`segjax train` on the 4-band folder set (config.in_channels reaches the data set too; the sample
     grid pictures the first three bands), then `segjax eval` of its checkpoint. (`segjax predict` reads
-    images through PIL as RGB and refuses a 4-band TIFF: not covered here until it reads bands.)"""
+    images through PIL as RGB and refuses a 4-band TIFF: not covered here until it reads bands.) The model is
+    the tests' tiny one: what is tested is the data path; a 4-band UNet is built and exported in test_export.py."""
     from segjax import cli
+    from tests import tiny_model
 
     make_bands(tmp_path / "data_src" / "bands")
     data_dir, workdir = tmp_path / "d", tmp_path / "w"
@@ -209,8 +211,7 @@ def test_tiny_training_run_on_four_bands(tmp_path):
         "--config.dataset=folder:bands", f"--config.data_dir={data_dir}",
         f"--config.manual_dir={tmp_path / 'data_src' / 'bands'}", "--config.data_options={}",
         "--config.in_channels=4", "--config.mean=0.5,0.5,0.5,0.5", "--config.std=0.25,0.25,0.25,0.25",
-        "--config.num_classes=3", "--config.model=unet",
-        '--config.model_kwargs={"base_channels": 4, "bilinear": True}',
+        "--config.num_classes=3", f"--config.model={tiny_model.NAME}", '--config.model_kwargs={"features": 4}',
         "--config.num_steps=2", "--config.eval_every_steps=2", "--config.batch_size=2",
         "--config.eval_batch_size=2", "--config.base_size=24", "--config.crop_size=16",
         "--config.warmup_epochs=0", "--config.log_every_steps=1",

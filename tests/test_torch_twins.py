@@ -1,6 +1,7 @@
 """tests/torch_reference.py's twins (experiments/benchmark.py's PyTorch side where torchvision has no such
-model): the DeepLab v3+ and FCN-VGG16 twins have segjax's parameter count and give logits at the input's odd
-H, W; the UNet twin gives segjax's logits with the same (converted) weights, in eval and train mode."""
+model): each has segjax's parameter count, and with the same (converted) weights gives segjax's outputs at an
+odd H, W: UNet (both upsamplers, eval and train mode), U2-Netp, DeepLab v3+ and FCN-8s (whose VGG body and
+fc6/fc7 the FCN-16s and FCN-32s twins share; their heads are compared by size)."""
 import re
 
 import jax
@@ -192,3 +193,38 @@ def test_deeplabv3plus_twin_gives_segjax_logits_with_the_same_weights():
         err = rel_l2(ours[key], ref[key].numpy().transpose(0, 2, 3, 1))
         print("deeplabv3plus_resnet50 twin", key, f"eval rel L2 {err:.2e}")
         assert err < 1e-4
+
+
+def twin_fcn_key_to_wkentaro(key: str) -> str:
+    """The FCN-VGG16 twin's keys in wkentaro/pytorch-fcn's layout (conv1_1 ... conv5_3, fc6, fc7, score_*,
+    upscore*), which `convert_state_dict("fcn8s_vgg16")` reads."""
+    stage = re.match(r"^stages\.(\d)\.(\d+)\.(weight|bias)$", key)
+    if stage:
+        return f"conv{int(stage[1]) + 1}_{int(stage[2]) // 2 + 1}.{stage[3]}"
+    return re.sub(r"^fc\.0\.", "fc6.", re.sub(r"^fc\.3\.", "fc7.", key))
+
+
+def test_fcn8s_twin_gives_segjax_logits_with_the_same_weights():
+    """The benchmark's PyTorch FCN-8s (caffe geometry: pad 100, ceil pools, fixed crops) computes what segjax's
+    fcn8s_vgg16 computes: its weights, score layers drawn away from their zero start, converted through
+    wkentaro's layout (BGR, caffe mean folded into the card), give the same logits at an odd size."""
+    from tests.test_caffe_layouts import FCN_MEAN_BGR, caffe_input, our_input
+
+    torch.manual_seed(0)
+    twin = torch_reference.fcn8s_vgg16(num_classes=3).eval()
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if name.startswith("score"):
+                p.normal_(0, 0.01)
+    state_dict = {twin_fcn_key_to_wkentaro(k): v.detach().numpy().copy() for k, v in twin.state_dict().items()}
+    variables, meta = convert.convert_state_dict("fcn8s_vgg16", state_dict)
+    assert meta["layout"] == "wkentaro/pytorch-fcn"
+    image = np.random.RandomState(2).randint(0, 256, (23, 29, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = twin(caffe_input(image, FCN_MEAN_BGR))["out"].numpy().transpose(0, 2, 3, 1)
+    model = models.create("fcn8s_vgg16", **meta["model_kwargs"])
+    ours = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, our_input(image, meta))["out"]
+    assert ours.shape == ref.shape == (1, 23, 29, 3)
+    err = rel_l2(ours, ref)
+    print(f"fcn8s twin: eval logits rel L2 {err:.2e}")
+    assert err < 1e-4 and np.abs(ref).max() > 1e-3  # logits away from zero: the comparison has teeth
