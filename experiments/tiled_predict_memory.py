@@ -15,7 +15,8 @@ SIZE x SIZE RGB image (once, in a subprocess, kept in --workdir), then runs
 
 as a child process and reads that child's own peak resident set (`ru_maxrss` from `os.wait4`; this
 parent never imports JAX, so nothing of it is counted). It prints one JSON line per run and a
-markdown table (size, format, --save-probs, peak RSS, wall time, output bytes). The outputs are
+markdown table (size, format, --save-probs, peak RSS, wall time, the child's CPU time (user + system,
+from the same rusage: less sensitive to other load than wall time), output bytes). The outputs are
 deleted after each run unless --keep-outputs (the float16 probabilities of a 20,000 x 20,000,
 5-class image are 4 GB).
 """
@@ -101,7 +102,8 @@ def run_predict(args, image: str, save_probs: bool) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     return {"image": os.path.basename(image), "save_probs": save_probs,
             "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2),
-            "wall_s": round(wall, 1), "outputs_gib": round(written / GIB, 2), "cpu_count": os.cpu_count(),
+            "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "outputs_gib": round(written / GIB, 2), "cpu_count": os.cpu_count(),
             "loadavg_1min_at_end": round(os.getloadavg()[0], 1), "command": " ".join(cmd[1:])}
 
 
@@ -132,10 +134,11 @@ def main():
         for save_probs in {"both": (False, True), "off": (False,), "on": (True,)}[a.probs]:
             results.append(dict(size=int(size), format=fmt, **run_predict(a, image, save_probs)))
             print(json.dumps(results[-1]), flush=True)
-    print("\n| image | --save-probs | peak RSS (ru_maxrss) | wall time | outputs |\n|---|---|---|---|---|")
+    print("\n| image | --save-probs | peak RSS (ru_maxrss) | wall time | CPU time | outputs |\n|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['size']:,} x {r['size']:,} {r['format'].upper()} | {'yes' if r['save_probs'] else 'no'} | "
-              f"{r['peak_rss_gib']:.2f} GiB | {r['wall_s'] / 60:.1f} min | {r['outputs_gib']:.2f} GiB |")
+              f"{r['peak_rss_gib']:.2f} GiB | {r['wall_s'] / 60:.1f} min | {r['cpu_s'] / 60:.1f} min | "
+              f"{r['outputs_gib']:.2f} GiB |")
 
 
 if __name__ == "__main__":
