@@ -29,10 +29,16 @@ os.environ["SEGJAX_COMPILATION_CACHE"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 # Compile with LLVM's cheap passes only: the same HLO programs, less optimised machine code. At the tests' tiny
 # sizes compiling dominates; the model-family tests take about 30% less time. Benchmarks and user runs keep
-# XLA's defaults. (Read when the CPU backend starts, in this process and in the subprocesses that inherit it.)
+# XLA's defaults, as does SEGJAX_TEST_XLA_DEFAULTS=1. (Read when the CPU backend starts, in this process and in
+# the subprocesses that inherit it.)
 _CHEAP_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if _CHEAP_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+if _CHEAP_COMPILE not in os.environ.get("XLA_FLAGS", "") and not os.environ.get("SEGJAX_TEST_XLA_DEFAULTS"):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_CHEAP_COMPILE}".strip()
+
+if _WORKER:
+    # One OpenMP thread per xdist worker (PyTorch's and BLAS's pools): with one worker per core, a pool as wide
+    # as the machine in each worker only spins waiting for the other worker's core.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 
 def _onnx_runtime_missing() -> list[str]:

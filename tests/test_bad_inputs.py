@@ -338,7 +338,8 @@ def _subprocess(argv, extra_env=None, timeout=300):
 @pytest.mark.e2e  # a `segjax` run (subprocess or resumed training)
 def test_batch_size_not_divisible_by_three_devices(env, tmp_path):
     proc = _subprocess(["train", "--workdir", tmp_path / "w", *TINY, f"--config.data_dir={env['data']}"],
-                       {"XLA_FLAGS": "--xla_force_host_platform_device_count=3", "JAX_PLATFORMS": "cpu"})
+                       {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=3",
+                        "JAX_PLATFORMS": "cpu"})
     line = one_error_line(proc.returncode, proc.stderr)
     assert line == ("error: config.batch_size=4: the global batch must be a multiple of the 3 devices; "
                     "use --config.batch_size=3 or 6"), line

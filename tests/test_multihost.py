@@ -147,7 +147,7 @@ TIMEOUT = 240
 def _launch(recipe, workdir, data_dir, num_processes, *extra):
     """`segjax train` as `num_processes` processes on 127.0.0.1: (processes, their log files)."""
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1"}
     for var in CLUSTER_VARS:
         env.pop(var, None)
     cmd = [sys.executable, "-m", "segjax.cli", "train", "--config", str(recipe), "--workdir", str(workdir),

@@ -14,7 +14,7 @@ README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 def test_the_readme_pmap_example_runs_on_two_devices(tmp_path):
     text = open(README).read()
     code = re.search(r"<!-- pmap-example -->\n```python\n(.*?)```", text, re.S)[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -162,7 +162,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 
 @pytest.mark.e2e  # a subprocess with 8 host devices
 def test_jit_sharded_pmap_and_single_device_steps_agree_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
