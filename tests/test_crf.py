@@ -44,7 +44,7 @@ def test_lattice_filter_is_close_to_the_exact_gaussian(xy_std, rgb_std, bound):
     if rgb_std is not None:
         features = jnp.concatenate([features, crf._colours(jnp.asarray(smooth_image(h, w)), rgb_std)], axis=1)
     q = jnp.asarray(random_probs(h, w, c).reshape(-1, c))
-    lattice, exact = crf._lattice_kernel(features)(q), crf._exact_kernel(features)(q)
+    lattice, exact = jax.jit(lambda f, q: (crf._lattice_kernel(f)(q), crf._exact_kernel(f)(q)))(features, q)
     relative = float(jnp.linalg.norm(lattice - exact) / jnp.linalg.norm(exact))
     assert relative < bound, relative
 
@@ -88,14 +88,16 @@ def test_jit_and_vmap_give_the_plain_call():
     images = np.stack([smooth_image(18, 22, s) for s in range(2)])
     probs = np.stack([random_probs(18, 22, 4, s) for s in range(2)])
     kw = dict(iterations=3, bi_xy_std=30.0, bi_rgb_std=8.0)
-    plain = np.stack([np.asarray(crf.dense_crf(i, p, **kw)) for i, p in zip(images, probs)])
-    jitted = np.asarray(jax.jit(lambda i, p: crf.dense_crf(i, p, **kw))(images[0], probs[0]))
+    plain = np.asarray(crf.dense_crf(images[0], probs[0], **kw))  # eager, op by op: one image is enough
+    single = jax.jit(lambda i, p: crf.dense_crf(i, p, **kw))
+    jitted = np.stack([np.asarray(single(i, p)) for i, p in zip(images, probs)])
     batched = np.asarray(jax.jit(jax.vmap(lambda i, p: crf.dense_crf(i, p, **kw)))(images, probs))
-    np.testing.assert_allclose(jitted, plain[0], atol=2e-5)
-    np.testing.assert_allclose(batched, plain, atol=2e-5)
+    np.testing.assert_allclose(jitted[0], plain, atol=2e-5)
+    np.testing.assert_allclose(batched, jitted, atol=2e-5)
+    assert np.abs(jitted[1] - jitted[0]).max() > 0.1  # two different images: the batch is not one image twice
     # traced parameters (one compile for any values) give the same numbers up to XLA's division rounding
     traced = jax.jit(lambda i, p, s: crf.dense_crf(i, p, iterations=3, bi_xy_std=s, bi_rgb_std=8.0))
-    assert (np.asarray(traced(images[0], probs[0], 30.0)).argmax(-1) == plain[0].argmax(-1)).mean() > 0.99
+    assert (np.asarray(traced(images[0], probs[0], 30.0)).argmax(-1) == plain.argmax(-1)).mean() > 0.99
 
 
 def test_the_sum_over_classes_stays_one_and_a_zero_weight_kernel_is_off():
