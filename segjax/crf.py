@@ -17,8 +17,13 @@ where K's sums run over every pixel, i itself included. Mean-field inference (`D
 
     Q = softmax(-U);   `iterations` times:   Q = softmax(-U + pos_w K̃_g Q + bi_w K̃_b Q).
 
-K is pydensecrf's permutohedral-lattice filter (Adams, Baek & Davis, 2010), built as its `Permutohedral`
-builds it, so that the labels agree with pydensecrf's and not only with the exact Gaussian:
+The smoothness kernel K_g depends only on the pixel grid, so it is computed exactly: a Gaussian is separable,
+so K_g Q is one 1-D filter along the columns and one along the rows, truncated at 4 pos_xy_std (pixels
+further away weigh less than exp(-8)); n_g comes from the same filter. pydensecrf approximates it with a
+lattice too; the labels still agree with its on at least 99% of pixels (measured in docs/crf.md).
+
+The appearance kernel K_b is pydensecrf's permutohedral-lattice filter (Adams, Baek & Davis, 2010), built as
+its `Permutohedral` builds it, so that the labels agree with pydensecrf's and not only with the exact Gaussian:
 - each feature vector f (d values: x/σ, y/σ[, r/σ, g/σ, b/σ]) is elevated onto the plane sum = 0 of
   R^{d+1}, scaled by sqrt(2/3) (d+1) / sqrt((k+1)(k+2)) per axis k;
 - its enclosing simplex is found by rounding to the nearest multiple of d+1 and ranking the remainders;
@@ -35,7 +40,7 @@ lattice is built once per image; an iteration is then one segment sum (splat), 2
 and one gather (slice) per kernel, over (lattice points, classes) arrays.
 
 `dense_crf_exact` is the same mean field with exact dense Gaussians, O(N^2) memory: the oracle the lattice
-is tested against, for small images.
+and the separable filter are tested against, for small images.
 """
 from __future__ import annotations
 
@@ -72,9 +77,8 @@ def dense_crf(image, probs, *, iterations=10, pos_w=3.0, pos_xy_std=1.0, bi_w=4.
     probs = _check(image, probs, dict(iterations=iterations, pos_w=pos_w, pos_xy_std=pos_xy_std, bi_w=bi_w,
                                       bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std))
     h, w, c = probs.shape
-    spatial = _pixel_grid(h, w, pos_xy_std)
     bilateral = jnp.concatenate([_pixel_grid(h, w, bi_xy_std), _colours(image, bi_rgb_std)], axis=1)
-    kernels = [(pos_w, _lattice_kernel(spatial)), (bi_w, _lattice_kernel(bilateral))]
+    kernels = [(pos_w, _separable_kernel(h, w, pos_xy_std)), (bi_w, _lattice_kernel(bilateral))]
     q = mean_field(_unary(probs.reshape(h * w, c)), kernels, iterations)
     return q.reshape(h, w, c)
 
@@ -137,6 +141,48 @@ def _exact_kernel(features):
     dist2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * features @ features.T, 0.0)
     k = jnp.exp(-0.5 * dist2)
     return _symmetric(lambda v: jnp.dot(k, v, precision=lax.Precision.HIGHEST), features.shape[0])
+
+
+def _separable_kernel(h, w, std):
+    """The smoothness kernel on the (H, W) pixel grid as an exact Gaussian, one 1-D filter along the columns and
+    one along the rows, applied to (H W, C) values, symmetrically normalised. A concrete std gives
+    2 ceil(4 std) + 1 taps (the pixels beyond 4 std weigh less than exp(-8) and are left out), summed as shifted
+    copies; a traced std (its tap count unknown when tracing) multiplies by the dense (H, H) and (W, W)
+    Gaussian matrices instead."""
+    if isinstance(std, jax.core.Tracer):
+        def gaussian_matrix(n):
+            offsets = jnp.arange(n, dtype=jnp.float32)
+            return jnp.exp(-0.5 * jnp.square((offsets[:, None] - offsets[None, :]) / std))
+        ky, kx = gaussian_matrix(h), gaussian_matrix(w)
+
+        def filter_grid(grid):
+            grid = jnp.einsum("ij,jwc->iwc", ky, grid, precision=lax.Precision.HIGHEST)
+            return jnp.einsum("ij,hjc->hic", kx, grid, precision=lax.Precision.HIGHEST)
+    else:
+        def taps(n):
+            radius = min(math.ceil(4.0 * float(std)), n - 1)
+            return np.exp(-0.5 * np.square(np.arange(-radius, radius + 1) / float(std))).astype(np.float32)
+        ty, tx = taps(h), taps(w)
+
+        def filter_grid(grid):
+            return _shifted_sum(_shifted_sum(grid, ty, 0), tx, 1)
+
+    def apply(values):
+        return filter_grid(values.reshape(h, w, -1)).reshape(h * w, -1)
+    return _symmetric(apply, h * w)
+
+
+def _shifted_sum(grid, taps, axis):
+    """sum_k taps[k] grid[. + k - r] along `axis` (r = len(taps) // 2), zero beyond the edges."""
+    radius, n = len(taps) // 2, grid.shape[axis]
+    padding = [(0, 0)] * grid.ndim
+    padding[axis] = (radius, radius)
+    padded = jnp.pad(grid, padding)
+    out = None
+    for k, tap in enumerate(taps):
+        term = np.float32(tap) * lax.slice_in_dim(padded, k, k + n, axis=axis)
+        out = term if out is None else out + term
+    return out
 
 
 def _lattice_kernel(features):

@@ -49,6 +49,17 @@ def test_lattice_filter_is_close_to_the_exact_gaussian(xy_std, rgb_std, bound):
     assert relative < bound, relative
 
 
+@pytest.mark.parametrize("std", [0.5, 1.0, 3.0])
+def test_the_smoothness_kernel_is_the_exact_gaussian(std):
+    # the pixel-grid kernel is separable: truncated at 4 std (concrete std) or dense (traced std)
+    h, w, c = 30, 26, 4
+    q = jnp.asarray(random_probs(h, w, c).reshape(-1, c))
+    exact = crf._exact_kernel(crf._pixel_grid(h, w, std))(q)
+    np.testing.assert_allclose(crf._separable_kernel(h, w, std)(q), exact, atol=2e-5)
+    traced = jax.jit(lambda s: crf._separable_kernel(h, w, s)(q))(std)
+    np.testing.assert_allclose(traced, exact, atol=2e-6)
+
+
 def test_lattice_crf_labels_agree_with_the_exact_crf():
     h, w, c = 32, 28, 5
     image, probs = smooth_image(h, w, 1), random_probs(h, w, c, 1)
