@@ -211,10 +211,10 @@ class Lattice(NamedTuple):
     The filter takes d+1 steps. Step j blurs layout j along direction j (row m plus half of rows m - 1 and
     m + 1 where links[j, :, m] says they are its neighbours) and gathers its output from the result, row r
     from row reads[j, r]: steps 0..d-1 output layout j+1, step d the N (d+1) simplex corners, which the slice
-    weighs. Layouts are held with a zero row above and below (P + 2 rows; reads has two entries for them)."""
+    weighs."""
     splat_rows: jax.Array    # (N, d+1) int32: the layout-0 row of each corner of each pixel's simplex
     barycentric: jax.Array   # (N, d+1) float32: the splat and slice weights
-    reads: jax.Array         # (d+1, P + 2) int32
+    reads: jax.Array         # (d+1, P) int32
     links: jax.Array         # (d+1, 2, P) bool: [row m - 1 is a neighbour, row m + 1 is] per layout row m
 
 
@@ -246,8 +246,7 @@ def build_lattice(features: jax.Array) -> Lattice:
         row_in_layout = jnp.zeros(p, jnp.int32).at[order].set(rows, unique_indices=True)
         links.append(_links(columns))
     reads.append(row_in_layout[splat_rows])
-    reads = jnp.pad(jnp.stack(reads), ((0, 0), (1, 1)))  # the edge rows of each layout (read, then zeroed)
-    return Lattice(splat_rows.reshape(n, d + 1), barycentric, reads, jnp.stack(links))
+    return Lattice(splat_rows.reshape(n, d + 1), barycentric, jnp.stack(reads), jnp.stack(links))
 
 
 def lattice_filter(lattice: Lattice, values: jax.Array) -> jax.Array:
@@ -255,23 +254,20 @@ def lattice_filter(lattice: Lattice, values: jax.Array) -> jax.Array:
     n, c = values.shape
     d = lattice.splat_rows.shape[1] - 1
     capacity = lattice.links.shape[-1]
-    # layouts are held with a zero row above and below (P + 2 rows): what a missing neighbour reads
+    # Two buffers of P + 2 rows take the layouts in turn; rows 0 and P + 1 stay zero (what a missing neighbour
+    # reads). Each step is written into rows 1..P of the buffer the step before read, in place: XLA then writes
+    # the step out, where it would otherwise fuse it into the next step's gather and recompute every earlier
+    # step three times over per row read.
     grid = jax.ops.segment_sum((lattice.barycentric[:, :, None] * values[:, None, :]).reshape(-1, c),
                                lattice.splat_rows.reshape(-1) + 1, num_segments=capacity + 2)
-    edge = jnp.arange(capacity + 2)
-    edge = ((edge == 0) | (edge == capacity + 1))[:, None]
-    zero = jnp.zeros((c,), grid.dtype)
+    spare = jnp.zeros_like(grid)
     for rows, (before, after) in zip(lattice.reads, lattice.links):
         blurred = grid[1:-1] + 0.5 * (jnp.where(before[:, None], grid[:-2], 0.0)
                                       + jnp.where(after[:, None], grid[2:], 0.0))
-        grid = jnp.where(edge, 0.0, blurred[rows])
-        # Each step's rows are also summed into `zero` (its edge row: exactly 0). With that second reader XLA
-        # writes the step out instead of fusing it into the next step's gather, which would recompute every
-        # earlier step three times over per row read.
-        zero = zero + grid[0]
+        grid, spare = lax.dynamic_update_slice(spare, blurred[rows], (1, 0)), grid
     alpha = 1.0 / (1.0 + 2.0 ** -d)
     weights = (lattice.barycentric * np.float32(alpha))[:, :, None]
-    return jnp.sum(weights * grid[1:-1].reshape(n, d + 1, c), axis=1) + zero
+    return jnp.sum(weights * grid[1:-1].reshape(n, d + 1, c), axis=1)
 
 
 def _elevate(features):
