@@ -17,8 +17,13 @@ where K's sums run over every pixel, i itself included. Mean-field inference (`D
 
     Q = softmax(-U);   `iterations` times:   Q = softmax(-U + pos_w K̃_g Q + bi_w K̃_b Q).
 
-K is pydensecrf's permutohedral-lattice filter (Adams, Baek & Davis, 2010), built as its `Permutohedral`
-builds it, so that the labels agree with pydensecrf's and not only with the exact Gaussian:
+The smoothness kernel K_g depends only on the pixel grid, so it is computed exactly: a Gaussian is separable,
+so K_g Q is one 1-D filter along the columns and one along the rows, truncated at 4 pos_xy_std (pixels
+further away weigh less than exp(-8)); n_g comes from the same filter. pydensecrf approximates it with a
+lattice too; the labels still agree with pydensecrf's on at least 99% of pixels (docs/crf.md).
+
+The appearance kernel K_b is pydensecrf's permutohedral-lattice filter (Adams, Baek & Davis, 2010), built as
+its `Permutohedral` builds it, so that the labels agree with pydensecrf's and not only with the exact Gaussian:
 - each feature vector f (d values: x/σ, y/σ[, r/σ, g/σ, b/σ]) is elevated onto the plane sum = 0 of
   R^{d+1}, scaled by sqrt(2/3) (d+1) / sqrt((k+1)(k+2)) per axis k;
 - its enclosing simplex is found by rounding to the nearest multiple of d+1 and ranking the remainders;
@@ -29,13 +34,16 @@ builds it, so that the labels agree with pydensecrf's and not only with the exac
 The overall scale of the filter cancels in the symmetric normalisation.
 
 Static shapes: a pixel's d+1 corners give N (d+1) candidate lattice points for N pixels, which is the
-capacity. They are made unique by one sort on (32-bit hash, key); a point's blur neighbours are found by
-binary search on the hash, each hit checked against the full key (d = 2 keys are their own hash). The
-lattice is built once per image; an iteration is then one segment sum (splat), 2 (d+1) row gathers (blur)
-and one gather (slice) per kernel, over (lattice points, classes) arrays.
+capacity. The lattice is held in d+1 layouts, one per blur direction j, each listing the points line by line
+along j (sorted on the coordinates that stay the same along the line, then on the step along it), so that a
+point's two neighbours in that direction are the rows beside it. Sorting the candidates into layout 0 makes
+them unique (equal keys end up side by side); d more sorts give the other layouts. That is done once per
+image; an iteration is then one segment sum (splat), d+1 row gathers that each read a row and the two rows
+beside it (blur along one direction, then move to the next layout) and a weighted sum (slice), over
+(capacity, classes) arrays.
 
 `dense_crf_exact` is the same mean field with exact dense Gaussians, O(N^2) memory: the oracle the lattice
-is tested against, for small images.
+and the separable filter are tested against, for small images.
 """
 from __future__ import annotations
 
@@ -59,7 +67,6 @@ UNARY_CLIP = 1e-5  # pydensecrf.utils.unary_from_softmax's clip
 KAZUTO_VOC = dict(DEFAULTS)  # kazuto1011/deeplab-pytorch DeepLab v2: 76.65 -> 77.93 mIoU, VOC12 val
 LARGEFOV_PORT = {"iterations": 10, "pos_w": 3.0, "pos_xy_std": 3.0, "bi_w": 5.0, "bi_xy_std": 140.0,
                  "bi_rgb_std": 5.0}  # wangleihitcs/DeepLab-V1-PyTorch main.py: 65.44 -> 69.60 mIoU, VOC12 val
-_CANDIDATES = 3  # lattice points compared per hash lookup: a miss needs 4 points sharing one 32-bit hash
 
 
 def dense_crf(image, probs, *, iterations=10, pos_w=3.0, pos_xy_std=1.0, bi_w=4.0, bi_xy_std=67.0,
@@ -72,9 +79,8 @@ def dense_crf(image, probs, *, iterations=10, pos_w=3.0, pos_xy_std=1.0, bi_w=4.
     probs = _check(image, probs, dict(iterations=iterations, pos_w=pos_w, pos_xy_std=pos_xy_std, bi_w=bi_w,
                                       bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std))
     h, w, c = probs.shape
-    spatial = _pixel_grid(h, w, pos_xy_std)
     bilateral = jnp.concatenate([_pixel_grid(h, w, bi_xy_std), _colours(image, bi_rgb_std)], axis=1)
-    kernels = [(pos_w, _lattice_kernel(spatial)), (bi_w, _lattice_kernel(bilateral))]
+    kernels = [(pos_w, _separable_kernel(h, w, pos_xy_std)), (bi_w, _lattice_kernel(bilateral))]
     q = mean_field(_unary(probs.reshape(h * w, c)), kernels, iterations)
     return q.reshape(h, w, c)
 
@@ -139,6 +145,48 @@ def _exact_kernel(features):
     return _symmetric(lambda v: jnp.dot(k, v, precision=lax.Precision.HIGHEST), features.shape[0])
 
 
+def _separable_kernel(h, w, std):
+    """The smoothness kernel on the (H, W) pixel grid as an exact Gaussian, one 1-D filter along the columns and
+    one along the rows, applied to (H W, C) values, symmetrically normalised. A concrete std gives
+    2 ceil(4 std) + 1 taps (the pixels beyond 4 std weigh less than exp(-8) and are left out), summed as shifted
+    copies; a traced std (its tap count unknown when tracing) multiplies by the dense (H, H) and (W, W)
+    Gaussian matrices instead."""
+    if isinstance(std, jax.core.Tracer):
+        def gaussian_matrix(n):
+            offsets = jnp.arange(n, dtype=jnp.float32)
+            return jnp.exp(-0.5 * jnp.square((offsets[:, None] - offsets[None, :]) / std))
+        ky, kx = gaussian_matrix(h), gaussian_matrix(w)
+
+        def filter_grid(grid):
+            grid = jnp.einsum("ij,jwc->iwc", ky, grid, precision=lax.Precision.HIGHEST)
+            return jnp.einsum("ij,hjc->hic", kx, grid, precision=lax.Precision.HIGHEST)
+    else:
+        def taps(n):
+            radius = min(math.ceil(4.0 * float(std)), n - 1)
+            return np.exp(-0.5 * np.square(np.arange(-radius, radius + 1) / float(std))).astype(np.float32)
+        ty, tx = taps(h), taps(w)
+
+        def filter_grid(grid):
+            return _shifted_sum(_shifted_sum(grid, ty, 0), tx, 1)
+
+    def apply(values):
+        return filter_grid(values.reshape(h, w, -1)).reshape(h * w, -1)
+    return _symmetric(apply, h * w)
+
+
+def _shifted_sum(grid, taps, axis):
+    """sum_k taps[k] grid[. + k - r] along `axis` (r = len(taps) // 2), zero beyond the edges."""
+    radius, n = len(taps) // 2, grid.shape[axis]
+    padding = [(0, 0)] * grid.ndim
+    padding[axis] = (radius, radius)
+    padded = jnp.pad(grid, padding)
+    out = None
+    for k, tap in enumerate(taps):
+        term = np.float32(tap) * lax.slice_in_dim(padded, k, k + n, axis=axis)
+        out = term if out is None else out + term
+    return out
+
+
 def _lattice_kernel(features):
     """pydensecrf's SSE path elevates pixels four at a time and also inserts the lattice points of its zero
     padding lanes (feature vector 0) when N is not a multiple of 4; they take no value but relay the blur,
@@ -155,37 +203,71 @@ def _lattice_kernel(features):
 # ------------------------------------------------------------------------------------- the lattice
 
 class Lattice(NamedTuple):
-    """A permutohedral lattice over N feature vectors of dimension d, with capacity P = N (d+1) points."""
-    vertex: jax.Array        # (N, d+1) int32: the lattice point at each corner of each pixel's simplex
-    barycentric: jax.Array   # (N, d+1) float32: the splat weights
-    neighbours: jax.Array    # (d+1, 2, P+1) int32: each point's two neighbours per direction; P = none
+    """A permutohedral lattice over N feature vectors of dimension d, with capacity P = N (d+1) points, held in
+    d+1 layouts of P rows: layout j lists the points line by line along blur direction j, so that a point's two
+    neighbours in that direction, where the lattice has them, are the rows just above and below it. Rows past
+    the lattice's points are unused (zero, linked to nothing).
+
+    The filter takes d+1 steps. Step j blurs layout j along direction j (row m plus half of rows m - 1 and
+    m + 1 where links[j, :, m] says they are its neighbours) and gathers its output from the result, row r
+    from row reads[j, r]: steps 0..d-1 output layout j+1, step d the N (d+1) simplex corners, which the slice
+    weighs."""
+    splat_rows: jax.Array    # (N, d+1) int32: the layout-0 row of each corner of each pixel's simplex
+    barycentric: jax.Array   # (N, d+1) float32: the splat and slice weights
+    reads: jax.Array         # (d+1, P) int32
+    links: jax.Array         # (d+1, 2, P) bool: [row m - 1 is a neighbour, row m + 1 is] per layout row m
 
 
 def build_lattice(features: jax.Array) -> Lattice:
     """pydensecrf's Permutohedral::init for features (N, d) float32 (already divided by their std)."""
     n, d = features.shape
+    p = n * (d + 1)
     elevated = _elevate(features)
     rem0, rank, barycentric = _enclosing_simplex(elevated)
-    keys = _corner_keys(rem0, rank).reshape(n * (d + 1), d)
-    vertex, table_hash, table_words, count = _unique_points(keys)
-    neighbours = _blur_neighbours(table_hash, table_words, count, d)
-    return Lattice(vertex.reshape(n, d + 1), barycentric, neighbours)
+    keys = _corner_keys(rem0, rank).reshape(p, d).astype(jnp.int16).astype(jnp.int32)  # pydensecrf's short keys
+    corners = jnp.concatenate([keys, -jnp.sum(keys, axis=1, keepdims=True)], axis=1)
+    rows = jnp.arange(p, dtype=jnp.int32)
+    # layout 0: the corners sorted along direction 0's lines; equal keys are one point
+    key = _line_key(corners, 0)
+    *columns, order = lax.sort(key + [rows], num_keys=len(key), is_stable=False)
+    changed = jnp.zeros(p - 1, bool)
+    for column in columns:
+        changed = changed | (column[1:] != column[:-1])
+    point = jnp.cumsum(jnp.concatenate([jnp.zeros(1, jnp.int32), changed.astype(jnp.int32)]))
+    splat_rows = jnp.zeros(p, jnp.int32).at[order].set(point, unique_indices=True)
+    used = rows <= point[-1]
+    points = jnp.zeros((p, d + 1), jnp.int32).at[point].set(corners[order])  # layout 0's points, by row
+    links = [_links(_line_key(points, 0, used))]
+    row_in_layout = rows  # the layout-(j-1) row of each layout-0 row
+    reads = []
+    for j in range(1, d + 1):
+        *columns, order = lax.sort(_line_key(points, j, used) + [rows], num_keys=len(key), is_stable=False)
+        reads.append(row_in_layout[order])
+        row_in_layout = jnp.zeros(p, jnp.int32).at[order].set(rows, unique_indices=True)
+        links.append(_links(columns))
+    reads.append(row_in_layout[splat_rows])
+    return Lattice(splat_rows.reshape(n, d + 1), barycentric, jnp.stack(reads), jnp.stack(links))
 
 
 def lattice_filter(lattice: Lattice, values: jax.Array) -> jax.Array:
     """Splat (N, C) values onto the lattice, blur along each direction with [1/2, 1, 1/2], slice back x alpha."""
     n, c = values.shape
-    d = lattice.vertex.shape[1] - 1
-    capacity = lattice.neighbours.shape[-1]  # P + 1: the last row is the zero every missing neighbour reads
-    corners = lattice.vertex.reshape(-1)
-    grid = jax.ops.segment_sum((lattice.barycentric[:, :, None] * values[:, None, :]).reshape(-1, c), corners,
-                               num_segments=capacity)
-    for direction in range(d + 1):
-        before, after = lattice.neighbours[direction]
-        grid = grid + 0.5 * (grid[before] + grid[after])
+    d = lattice.splat_rows.shape[1] - 1
+    capacity = lattice.links.shape[-1]
+    # Two buffers of P + 2 rows take the layouts in turn; rows 0 and P + 1 stay zero (what a missing neighbour
+    # reads). Each step is written into rows 1..P of the buffer the step before read, in place: XLA then writes
+    # the step out, where it would otherwise fuse it into the next step's gather and recompute every earlier
+    # step three times over per row read.
+    grid = jax.ops.segment_sum((lattice.barycentric[:, :, None] * values[:, None, :]).reshape(-1, c),
+                               lattice.splat_rows.reshape(-1) + 1, num_segments=capacity + 2)
+    spare = jnp.zeros_like(grid)
+    for rows, (before, after) in zip(lattice.reads, lattice.links):
+        blurred = grid[1:-1] + 0.5 * (jnp.where(before[:, None], grid[:-2], 0.0)
+                                      + jnp.where(after[:, None], grid[2:], 0.0))
+        grid, spare = lax.dynamic_update_slice(spare, blurred[rows], (1, 0)), grid
     alpha = 1.0 / (1.0 + 2.0 ** -d)
     weights = (lattice.barycentric * np.float32(alpha))[:, :, None]
-    return jnp.sum(weights * grid[corners].reshape(n, d + 1, c), axis=1)
+    return jnp.sum(weights * grid[1:-1].reshape(n, d + 1, c), axis=1)
 
 
 def _elevate(features):
@@ -235,88 +317,36 @@ def _corner_keys(rem0, rank):
     return rem0[:, None, :d] + r - jnp.where(rank > d - r, d + 1, 0)
 
 
-def _pack(keys):
-    """Keys (..., d) int -> (..., ceil(d/2)) uint32 words of two 16-bit coordinates (pydensecrf keys are shorts)."""
-    d = keys.shape[-1]
-    low = keys.astype(jnp.uint32) & 0xFFFF
-    if d % 2:
-        low = jnp.concatenate([low, jnp.zeros(low.shape[:-1] + (1,), jnp.uint32)], axis=-1)
-    return low[..., 0::2] | (low[..., 1::2] << 16)
+_UNUSED = np.uint32(1 << 20)  # the position of unused rows: never next to another row's
 
 
-def _unpack(words, d):
-    halves = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(words.shape[:-1] + (-1,))[..., :d]
-    return halves.astype(jnp.uint16).astype(jnp.int16).astype(jnp.int32)
+def _line_key(points, j, used=None):
+    """Sort key that lists lattice points (M, d+1) int32 line by line along direction j, (d+1) e_j - 1: uint32
+    columns, the last one the position along the line. With a = j + 1 (mod d + 1), k_i - k_a (i != j, a) is
+    the same all along a line and -k_a counts the steps; all as 16-bit numbers (pydensecrf's keys are shorts),
+    the position offset by 2^15 so that only lines spanning more than 2^15 steps wrap. Unused rows (`used`
+    False) sort last and have the position _UNUSED."""
+    d = points.shape[1] - 1
+    a = (j + 1) % (d + 1)
+    same = [(points[:, i] - points[:, a]).astype(jnp.uint32) & 0xFFFF for i in range(d + 1) if i not in (j, a)]
+    if len(same) % 2:
+        same.append(jnp.zeros_like(same[0]))
+    words = [same[k] << 16 | same[k + 1] for k in range(0, len(same), 2)]
+    position = ((-points[:, a]).astype(jnp.uint32) + 0x8000) & 0xFFFF
+    if used is not None:
+        words = [jnp.where(used, word, np.uint32(0xFFFFFFFF)) for word in words]
+        position = jnp.where(used, position, _UNUSED)
+    return words + [position]
 
 
-def _hash(words):
-    """A 32-bit hash of the key words; a single word (d = 2) is its own hash, so lookups are exact."""
-    if words.shape[-1] == 1:
-        return words[..., 0]
-    h = jnp.zeros(words.shape[:-1], jnp.uint32)
-    for k in range(words.shape[-1]):
-        h = _mix(h ^ (words[..., k] * np.uint32(0xCC9E2D51)) ^ np.uint32(k))
-    return h
-
-
-def _mix(h):
-    """murmur3's 32-bit finaliser."""
-    h = h ^ (h >> 16)
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _unique_points(keys):
-    """Lattice point ids by sorting the P candidate keys on (hash, key words): ids follow that order, so the
-    table of distinct points (hash, words; padded to P with hash 2^32 - 1) is sorted by hash."""
-    p, d = keys.shape
-    words = _pack(keys)
-    h = _hash(words)
-    columns = [h] + [words[:, k] for k in range(words.shape[1])] if words.shape[1] > 1 else [h]
-    *sorted_keys, order = lax.sort(columns + [jnp.arange(p, dtype=jnp.int32)], num_keys=len(columns))
-    changed = jnp.zeros(p - 1, bool)
-    for column in sorted_keys:
-        changed = changed | (column[1:] != column[:-1])
-    ids = jnp.cumsum(jnp.concatenate([jnp.ones(1, jnp.int32), changed.astype(jnp.int32)]))
-    ids = ids - 1
-    vertex = jnp.zeros(p, jnp.int32).at[order].set(ids, unique_indices=True)
-    table_hash = jnp.full(p, 0xFFFFFFFF, jnp.uint32).at[ids].set(sorted_keys[0])
-    sorted_words = jnp.stack(sorted_keys[1:] if len(sorted_keys) > 1 else sorted_keys, axis=1)
-    table_words = jnp.zeros((p, words.shape[1]), jnp.uint32).at[ids].set(sorted_words)
-    return vertex, table_hash, table_words, ids[-1] + 1
-
-
-def _blur_neighbours(table_hash, table_words, count, d):
-    """(d+1, 2, P+1) int32: for each point and direction j, the points key + (d+1) e_j - 1 and key - (d+1) e_j + 1
-    (coordinate j of d+1 means all d stored coordinates - 1), or P where the lattice has none."""
-    p = table_hash.shape[0]
-    coords = _unpack(table_words, d)
-    rows = jnp.arange(p, dtype=jnp.int32)
-    out = []
-    for j in range(d + 1):
-        query = coords - 1
-        if j < d:
-            query = query.at[:, j].add(d + 1)
-        ahead = jnp.where(rows < count, _lookup(table_hash, table_words, count, _pack(query)), p)
-        behind = jnp.full(p + 1, p, jnp.int32).at[jnp.where(ahead < p, ahead, p + 1)].set(rows, mode="drop")
-        out.append(jnp.stack([jnp.append(ahead, p), behind]))
-    return jnp.stack(out)
-
-
-def _lookup(table_hash, table_words, count, words):
-    """Index of each key `words` in the table, or P: binary search on the hash, then the full key compared on
-    the first _CANDIDATES entries with that hash (one for d = 2, whose hash is the key)."""
-    p = table_hash.shape[0]
-    h = _hash(words)
-    first = jnp.searchsorted(table_hash, h, side="left").astype(jnp.int32)
-    found = jnp.full(h.shape, p, jnp.int32)
-    for k in reversed(range(1 if words.shape[-1] == 1 else _CANDIDATES)):
-        at = jnp.minimum(first + k, p - 1)
-        same = (first + k < count) & (table_hash[at] == h) & jnp.all(table_words[at] == words, axis=-1)
-        found = jnp.where(same, at, found)
-    return found
+def _links(columns):
+    """(2, M) bool for a layout sorted on `columns` (a _line_key): row r is linked to row r - 1 / r + 1 when
+    they lie on one line one step apart."""
+    *words, position = columns
+    step = position[1:] == position[:-1] + 1
+    for word in words:
+        step = step & (word[1:] == word[:-1])
+    return jnp.stack([jnp.concatenate([jnp.zeros(1, bool), step]), jnp.append(step, False)])
 
 
 # ------------------------------------------------------------------------------------- tools' use

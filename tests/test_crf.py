@@ -49,6 +49,28 @@ def test_lattice_filter_is_close_to_the_exact_gaussian(xy_std, rgb_std, bound):
     assert relative < bound, relative
 
 
+@pytest.mark.parametrize("xy_std, rgb_std, bound", [(10.0, 13.0, 0.025), (3.0, 5.0, 0.045)])
+def test_lattice_filter_on_a_flat_image(xy_std, rgb_std, bound):
+    # one colour: many pixels share lattice points and the lattice's lines are long (measured 0.015, 0.028)
+    h, w, c = 30, 26, 4
+    features = jnp.concatenate([crf._pixel_grid(h, w, xy_std),
+                                crf._colours(jnp.full((h, w, 3), 90, jnp.uint8), rgb_std)], axis=1)
+    q = jnp.asarray(random_probs(h, w, c).reshape(-1, c))
+    lattice, exact = crf._lattice_kernel(features)(q), crf._exact_kernel(features)(q)
+    assert float(jnp.linalg.norm(lattice - exact) / jnp.linalg.norm(exact)) < bound
+
+
+@pytest.mark.parametrize("std", [0.5, 1.0, 3.0])
+def test_the_smoothness_kernel_is_the_exact_gaussian(std):
+    # the pixel-grid kernel is separable: truncated at 4 std (concrete std) or dense (traced std)
+    h, w, c = 30, 26, 4
+    q = jnp.asarray(random_probs(h, w, c).reshape(-1, c))
+    exact = crf._exact_kernel(crf._pixel_grid(h, w, std))(q)
+    np.testing.assert_allclose(crf._separable_kernel(h, w, std)(q), exact, atol=2e-5)
+    traced = jax.jit(lambda s: crf._separable_kernel(h, w, s)(q))(std)
+    np.testing.assert_allclose(traced, exact, atol=2e-6)
+
+
 def test_lattice_crf_labels_agree_with_the_exact_crf():
     h, w, c = 32, 28, 5
     image, probs = smooth_image(h, w, 1), random_probs(h, w, c, 1)
