@@ -7,7 +7,7 @@
   its own, so its first run really compiles.
 - XLA compiles with its cheap LLVM passes (see XLA_FLAGS below), and pytest-xdist runs the files on
   `-n auto` workers (one per core), which share the cache.
-- Markers (pyproject.toml): `slow` (a full-depth network), `e2e` (a `segjax` subprocess or a whole training
+- Markers (pyproject.toml): `slow` (a full-width network's compile), `e2e` (a `segjax` subprocess or a whole training
   run), `onnx` (needs the `export` extra). `pytest -m "not slow and not e2e"` is the inner loop.
 - The ONNX tests run where jax2onnx and onnxruntime are installed (.ci/test-onnx makes such an
   environment); elsewhere they are deselected, and the header says so: never skipped and counted.

@@ -97,6 +97,7 @@ def fcn8s_state_dict():
     return sd
 
 
+@pytest.mark.slow  # full-width FCN-8s, both sides
 def test_fcn8s_at_once_wkentaro_layout_matches_the_caffe_forward(fcn8s_state_dict):
     """One forward (full-width VGG16 is slow on CPU): FCN-8s at-once, whose conversion is FCN-8s's plus
     the folded scales, checked leaf by leaf below."""
@@ -241,6 +242,7 @@ def msra_deeplabv2_forward(sd, x):
     return F.interpolate(out, size=x.shape[2:], mode="bilinear", align_corners=False)
 
 
+@pytest.mark.slow  # full-width caffe ResNet
 def test_deeplabv2_kazuto_layout_is_a_caffe_resnet_and_matches_its_forward():
     table = {k: tuple(v) for k, v in V2_TABLE.items()}
     sd = random_state_dict(table, seed=4, gain=0.2, gain_key="increase.bn")  # small last BN gain per block

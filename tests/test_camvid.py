@@ -60,6 +60,7 @@ def test_camvid_image_without_its_annotation_is_a_one_line_error(tmp_path):
     assert str(missing) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.e2e  # a training run of the recipe
 def test_recipe_is_the_original_solver_and_trains(tmp_path):
     from segjax.train import train_and_evaluate
 

@@ -49,6 +49,7 @@ def _labels(path):
         return np.asarray(img)
 
 
+@pytest.mark.e2e  # `segjax predict` on a 2000x3000 image, tiled and whole
 def test_tiled_outputs_equal_whole_image_outputs_in_the_interior(ckpt, tmp_path, capsys):
     image = tmp_path / "scene.png"
     _image(image, 2000, 3000)

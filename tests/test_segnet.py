@@ -83,6 +83,7 @@ def test_matches_torch_twin_at_odd_sizes(ceil_mode):
     assert max(errors) < 1e-5, errors
 
 
+@pytest.mark.slow  # full-width SegNet
 def test_delta_onera_layout_converts_and_matches_at_full_width():
     """delta-onera's names, through the layout, into segjax's full-width floor-mode SegNet; its logits
     equal the twin's carrying the same weights (32 x 64: a multiple of 32, where that code's default

@@ -204,6 +204,7 @@ def twin_fcn_key_to_wkentaro(key: str) -> str:
     return re.sub(r"^fc\.0\.", "fc6.", re.sub(r"^fc\.3\.", "fc7.", key))
 
 
+@pytest.mark.slow  # full-width FCN-8s, both sides
 def test_fcn8s_twin_gives_segjax_logits_with_the_same_weights():
     """The benchmark's PyTorch FCN-8s (caffe geometry: pad 100, ceil pools, fixed crops) computes what segjax's
     fcn8s_vgg16 computes: its weights, score layers drawn away from their zero start, converted through
