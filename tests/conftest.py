@@ -58,6 +58,7 @@ def pytest_configure(config):
     # The pytest process itself: the same cache (segjax's CLI entry points turn it on themselves).
     jax.config.update("jax_compilation_cache_dir", _CACHE)
     jax.config.update("jax_enable_compilation_cache", True)
+    # In process, JAX's in-memory caches already serve repeats; only what compiles slowly is worth writing.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 

@@ -55,3 +55,20 @@ def eval_and_train_forward(model):
         trained, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
         return evaluated, trained["out"], updates["batch_stats"]
     return forward
+
+
+# wkentaro/pytorch-fcn's mean (torchfcn.datasets.VOC.mean_bgr), written out here rather than read from segjax
+FCN_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+
+
+def caffe_input(image_rgb255: np.ndarray, mean_bgr):
+    """What the caffe-era references feed their nets: BGR, 0-255, minus the mean, NCHW float32 torch tensor."""
+    import torch
+
+    x = image_rgb255[..., ::-1].astype(np.float64) - np.asarray(mean_bgr)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None], np.float32))
+
+
+def our_input(image_rgb255: np.ndarray, meta: dict) -> np.ndarray:
+    """The same image as segjax's converted model takes it: normalised with the card's mean and std, NHWC."""
+    return ((image_rgb255 / 255.0 - np.asarray(meta["mean"])) / np.asarray(meta["std"]))[None].astype(np.float32)

@@ -18,25 +18,14 @@ from PIL import Image
 
 from segjax import convert, models
 from segjax.errors import SegjaxError
-from tests.parity import random_state_dict, rel_l2
+from tests.parity import FCN_MEAN_BGR, caffe_input, our_input, random_state_dict, rel_l2
 
 F = torch.nn.functional
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 FCN_TABLES = json.loads((FIXTURES / "fcn_wkentaro_state_dict_shapes.json").read_text())
 V1_TABLE = json.loads((FIXTURES / "deeplabv1_port_state_dict_shapes.json").read_text())["largefov"]
-FCN_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 V1_MEAN_BGR = (104.008, 116.669, 122.675)
 VGG16_STAGES = (2, 2, 3, 3, 3)
-
-
-def caffe_input(image_rgb255: np.ndarray, mean_bgr) -> torch.Tensor:
-    """What the references feed their nets: BGR, 0-255, minus the mean, NCHW."""
-    x = image_rgb255[..., ::-1].astype(np.float64) - np.asarray(mean_bgr)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None], np.float32))
-
-
-def our_input(image_rgb255: np.ndarray, meta: dict) -> np.ndarray:
-    return ((image_rgb255 / 255.0 - np.asarray(meta["mean"])) / np.asarray(meta["std"]))[None].astype(np.float32)
 
 
 def t(sd, key):

@@ -13,7 +13,7 @@ import torch_reference
 
 from segjax import analysis, convert, models
 from segjax.nn import bilinear_upsample_kernel
-from tests.parity import rel_l2, randomise_batch_norm
+from tests.parity import FCN_MEAN_BGR, caffe_input, our_input, rel_l2, randomise_batch_norm
 
 H, W = 67, 75
 
@@ -209,8 +209,6 @@ def test_fcn8s_twin_gives_segjax_logits_with_the_same_weights():
     """The benchmark's PyTorch FCN-8s (caffe geometry: pad 100, ceil pools, fixed crops) computes what segjax's
     fcn8s_vgg16 computes: its weights, score layers drawn away from their zero start, converted through
     wkentaro's layout (BGR, caffe mean folded into the card), give the same logits at an odd size."""
-    from tests.test_caffe_layouts import FCN_MEAN_BGR, caffe_input, our_input
-
     torch.manual_seed(0)
     twin = torch_reference.fcn8s_vgg16(num_classes=3).eval()
     with torch.no_grad():
