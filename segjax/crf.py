@@ -79,8 +79,8 @@ def dense_crf(image, probs, *, iterations=10, pos_w=3.0, pos_xy_std=1.0, bi_w=4.
     probs = _check(image, probs, dict(iterations=iterations, pos_w=pos_w, pos_xy_std=pos_xy_std, bi_w=bi_w,
                                       bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std))
     h, w, c = probs.shape
-    bilateral = jnp.concatenate([_pixel_grid(h, w, bi_xy_std), _colours(image, bi_rgb_std)], axis=1)
-    kernels = [(pos_w, _separable_kernel(h, w, pos_xy_std)), (bi_w, _lattice_kernel(bilateral))]
+    kernels = [(pos_w, _separable_kernel(h, w, pos_xy_std)),
+               (bi_w, _lattice_kernel(_bilateral_features(image, bi_xy_std, bi_rgb_std)))]
     q = mean_field(_unary(probs.reshape(h * w, c)), kernels, iterations)
     return q.reshape(h, w, c)
 
@@ -92,7 +92,7 @@ def dense_crf_exact(image, probs, *, iterations=10, pos_w=3.0, pos_xy_std=1.0, b
                                       bi_xy_std=bi_xy_std, bi_rgb_std=bi_rgb_std))
     h, w, c = probs.shape
     kernels = [(pos_w, _exact_kernel(_pixel_grid(h, w, pos_xy_std))),
-               (bi_w, _exact_kernel(jnp.concatenate([_pixel_grid(h, w, bi_xy_std), _colours(image, bi_rgb_std)], 1)))]
+               (bi_w, _exact_kernel(_bilateral_features(image, bi_xy_std, bi_rgb_std)))]
     return mean_field(_unary(probs.reshape(h * w, c)), kernels, iterations).reshape(h, w, c)
 
 
@@ -125,6 +125,12 @@ def _pixel_grid(h, w, std):
     cols, rows = _divided(w, std), _divided(h, std)
     return jnp.stack([jnp.broadcast_to(cols[None, :], (h, w)).ravel(),
                       jnp.broadcast_to(rows[:, None], (h, w)).ravel()], axis=1)
+
+
+def _bilateral_features(image, xy_std, rgb_std):
+    """(H W, 5) float32 (column, row) / xy_std and RGB / rgb_std of each pixel: the appearance kernel's features."""
+    h, w = image.shape[:2]
+    return jnp.concatenate([_pixel_grid(h, w, xy_std), _colours(image, rgb_std)], axis=1)
 
 
 def _colours(image, std):
