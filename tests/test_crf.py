@@ -76,6 +76,33 @@ def test_the_smoothness_kernel_is_the_exact_gaussian(std):
     np.testing.assert_allclose(traced, exact, atol=2e-6)
 
 
+def test_the_radix_sort_orders_rows_as_a_stable_lexicographic_sort():
+    # 1,000 rows leave 54 bits per pass: a 1 + 5 x 16 = 81-bit key takes two passes, one field split between
+    # them; few distinct values in the leading fields, so the later fields and the row order decide ties
+    rng = np.random.default_rng(0)
+    fields = [rng.integers(0, 2, 1000)] + [rng.integers(0, 3, 1000) for _ in range(2)]
+    fields += [rng.integers(0, 1 << 16, 1000) for _ in range(2)] + [rng.integers(0, 4, 1000)]
+    fields = [jnp.asarray(f, jnp.uint32) for f in fields]
+    order = jax.jit(lambda fs: crf._sort_order(fs, widths=[1]))(fields)
+    expected = np.lexsort([np.arange(1000)] + [np.asarray(f) for f in fields[::-1]])
+    np.testing.assert_array_equal(order, expected)
+
+
+def test_column_groups_filter_each_column_as_one_chain_does():
+    # lattice_filter splits 20 columns into groups (two on a 2-core CPU); columns never mix, so they agree to
+    # float rounding (the slice's vectorised sum may round a column's last bit differently by group width)
+    features = jnp.concatenate([crf._pixel_grid(12, 10, 5.0), crf._colours(jnp.asarray(smooth_image(12, 10)), 9.0)],
+                               axis=1)
+    values = jnp.asarray(np.random.default_rng(1).random((120, 20), np.float32))
+
+    @jax.jit
+    def both(features, values):
+        lattice = crf.build_lattice(features)
+        return crf.lattice_filter(lattice, values), crf._lattice_filter_chain(lattice, values)
+    grouped, single = both(features, values)
+    np.testing.assert_allclose(grouped, single, rtol=1e-6, atol=1e-7)
+
+
 def test_lattice_crf_labels_agree_with_the_exact_crf():
     h, w, c = 32, 28, 5
     image, probs = smooth_image(h, w, 1), random_probs(h, w, c, 1)
@@ -125,6 +152,23 @@ def test_jit_and_vmap_give_the_plain_call():
     # traced parameters (one compile for any values) give the same numbers up to XLA's division rounding
     traced = jax.jit(lambda i, p, s: crf.dense_crf(i, p, iterations=3, bi_xy_std=s, bi_rgb_std=8.0))
     assert (np.asarray(traced(images[0], probs[0], 30.0)).argmax(-1) == plain.argmax(-1)).mean() > 0.99
+
+
+def test_vmap_refines_one_image_at_a_time_on_cpu_and_batches_elsewhere(monkeypatch):
+    images = np.stack([smooth_image(14, 12, s) for s in range(3)])
+    probs = np.stack([random_probs(14, 12, 3, s) for s in range(3)])
+    refine = functools.partial(crf.dense_crf, iterations=2, bi_xy_std=30.0, bi_rgb_std=8.0)
+    single = jax.jit(refine).lower(images[0], probs[0]).compile()
+    mapped = jax.jit(jax.vmap(refine, in_axes=(None, 0))).lower(images[0], probs).compile()  # one image, 3 probs
+    expected = np.stack([np.asarray(single(images[0], p)) for p in probs])
+    np.testing.assert_allclose(mapped(images[0], probs), expected, atol=1e-6)
+    # one image's buffers at a time: a batch of 3 at once would need about 3 times the temporaries
+    assert mapped.memory_analysis().temp_size_in_bytes < 1.5 * single.memory_analysis().temp_size_in_bytes
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the other backends' rule: the plain vmap
+    batched = jax.jit(jax.vmap(refine)).lower(images, probs).compile()
+    assert batched.memory_analysis().temp_size_in_bytes > 2 * single.memory_analysis().temp_size_in_bytes
+    np.testing.assert_allclose(batched(images, probs), np.stack([single(i, p) for i, p in zip(images, probs)]),
+                               atol=2e-5)
 
 
 def test_the_sum_over_classes_stays_one_and_a_zero_weight_kernel_is_off():
