@@ -1,6 +1,8 @@
 """Speed and memory of the fully connected CRF: segjax.crf.dense_crf (jitted; one image, and a vmapped batch)
 against pydensecrf2, side by side in one process. Default: a random-colour 375x500 image, 21 classes,
-10 iterations, kazuto1011's values; median of 3 after a warm-up (the compile is timed apart).
+10 iterations, kazuto1011's values; median of 3 after a warm-up (the compile is timed apart). `--image
+realistic` takes smooth coloured regions instead, where pydensecrf's hash table holds far fewer lattice
+points while segjax's static shapes keep the worst case's capacity.
 
 Memory: XLA's own account of the compiled CRF (arguments, outputs, temporaries: memory_analysis) and the
 growth of the process's peak RSS over each phase (ru_maxrss; pydensecrf allocates in C++, out of
@@ -17,9 +19,12 @@ import argparse
 import os
 import resource
 import statistics
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # crf_vs_pydensecrf, beside this file
 
 
 def peak_rss_mb() -> float:
@@ -35,7 +40,22 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
-def inputs(h, w, c, n, seed=0):
+def inputs(h, w, c, n, seed=0, kind="random"):
+    """n images and probabilities: "random" colours and probabilities (every simplex corner nearly its own
+    lattice point: the lattice's worst case), "realistic" (crf_vs_pydensecrf.realistic: smooth coloured
+    regions, probabilities that follow them), or the path of a photograph (its top-left h x w, n times, with
+    random probabilities)."""
+    if kind not in ("random", "realistic"):
+        from PIL import Image
+        photo = np.asarray(Image.open(kind).convert("RGB"))
+        if photo.shape[0] < h or photo.shape[1] < w:
+            raise SystemExit(f"error: {kind} is {photo.shape[0]}x{photo.shape[1]}, smaller than --size {h} {w}")
+        _, probs = inputs(h, w, c, n, seed)
+        return np.repeat(np.ascontiguousarray(photo[None, :h, :w]), n, axis=0), probs
+    if kind == "realistic":
+        from crf_vs_pydensecrf import realistic
+        pairs = [realistic(h, w, c, seed + k) for k in range(n)]
+        return np.stack([i for i, _ in pairs]), np.stack([p for _, p in pairs])
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
     logits = rng.normal(size=(n, h, w, c)).astype(np.float32) * 2.0
@@ -48,8 +68,6 @@ def bench_pydensecrf(image, probs, values, repeats):
         import pydensecrf.densecrf  # noqa: F401
     except ImportError:
         return None
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from crf_vs_pydensecrf import pydensecrf
     before = peak_rss_mb()
     pydensecrf(image, probs, **values)
@@ -87,13 +105,16 @@ def main():
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--batch", type=int, default=8, help="images in the vmapped batch")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--image", default="random", metavar="random|realistic|PATH",
+                   help="random colours (the lattice's worst case), smooth coloured regions, or a photograph's "
+                        "top-left --size pixels (e.g. scikit-learn's datasets/images/china.jpg)")
     args = p.parse_args()
     from segjax import crf
 
     values = {**crf.KAZUTO_VOC, "iterations": args.iterations}
     h, w = args.size
-    images, probs = inputs(h, w, args.classes, args.batch)
-    print(f"{h}x{w}, {args.classes} classes, {args.iterations} iterations, median of {args.repeats}; "
+    images, probs = inputs(h, w, args.classes, args.batch, kind=args.image)
+    print(f"{os.path.basename(args.image)} {h}x{w}, {args.classes} classes, {args.iterations} iterations, median of {args.repeats}; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     ref = bench_pydensecrf(images[0], probs[0], values, args.repeats)  # first: before JAX allocates anything
     ours = bench_segjax(images, probs, values, args.repeats)
