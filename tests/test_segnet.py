@@ -102,8 +102,13 @@ def test_delta_onera_layout_converts_and_matches_at_full_width():
     twin = torch_reference.segnet_vgg16_bn(11, ceil_mode=False)
     twin.load_state_dict({rename(k): torch.from_numpy(v) for k, v in sd.items()})
     x = np.random.default_rng(8).standard_normal((1, 32, 64, 3)).astype(np.float32)
-    errors = _compare(models.create("segnet_vgg16_bn", **meta["model_kwargs"]), variables, twin, x)
-    assert max(errors) < 1e-5, errors
+    eval_error, train_error, stats_error = _compare(models.create("segnet_vgg16_bn", **meta["model_kwargs"]),
+                                                    variables, twin, x)
+    # float32 against float64 through 26 full-width convolutions; in train mode each batch normalisation
+    # divides by a one-image batch's own statistics, which amplifies the rounding: 1.01e-5 on a 2-core AMD EPYC
+    # (2.1e-7 in eval mode), where earlier runs of the suite passed a 1e-5 bound. A wrong layer or statistic is
+    # off by 1e-2 or more.
+    assert eval_error < 1e-5 and train_error < 5e-5 and stats_error < 1e-5, (eval_error, train_error, stats_error)
 
 
 def test_encoder_loads_torchvision_vgg16_bn():
