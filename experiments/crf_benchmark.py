@@ -114,8 +114,8 @@ def main():
     values = {**crf.KAZUTO_VOC, "iterations": args.iterations}
     h, w = args.size
     images, probs = inputs(h, w, args.classes, args.batch, kind=args.image)
-    print(f"{os.path.basename(args.image)} {h}x{w}, {args.classes} classes, {args.iterations} iterations, median of {args.repeats}; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print(f"{os.path.basename(args.image)} {h}x{w}, {args.classes} classes, {args.iterations} iterations, "
+          f"median of {args.repeats}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     ref = bench_pydensecrf(images[0], probs[0], values, args.repeats)  # first: before JAX allocates anything
     ours = bench_segjax(images, probs, values, args.repeats)
     if ref is None:

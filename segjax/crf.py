@@ -391,8 +391,9 @@ def _line_key(points, j):
     def difference(u, v):
         return (points[:, u] - points[:, v]).astype(jnp.uint32) & 0xFFFF
     leading, dropped = [], None
-    if _major_pair(d, j) is not None:
-        u, v = _major_pair(d, j)
+    major = _major_pair(d, j)
+    if major is not None:
+        u, v = major
         leading, dropped = [difference(u, v)], (u if u != a else v)
     same = [difference(i, a) for i in range(d + 1) if i not in (j, a, dropped)]
     return leading + same + [((-points[:, a]).astype(jnp.uint32) + 0x8000) & 0xFFFF]
